@@ -8,6 +8,7 @@ line (RUNTIME.md): ``reachable``, or
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import ssl
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ async def check_platform(
         )
     except aiohttp.ClientConnectorError as exc:
         reason = _os_reason(exc)
-        if "refused" in reason.lower():
+        if getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED or "refused" in reason.lower():
             return failed(
                 "the connection was refused",
                 f"check that the platform listens on port {port} and that nothing between rejects it",

@@ -120,10 +120,16 @@ def parse_auth_record(obj: Any) -> AuthRecord:
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             raise AuthRecordError(f"record {rid}: port must be a number from 1 to 65535")
         return UnixRecord(
-            id=rid, title=title, username=_str(obj, "username"), password=password,
+            id=rid,
+            title=title,
+            username=_str(obj, "username"),
+            password=password,
             private_keys=parsed_keys,
-            root_delegation=RootDelegation(method=method, password=_opt_str(delegation, "password")),
-            port=port, targets=targets,
+            root_delegation=RootDelegation(
+                method=method, password=_opt_str(delegation, "password")
+            ),
+            port=port,
+            targets=targets,
         )
     if kind == "windows":
         password = _opt_str(obj, "password")
@@ -133,14 +139,21 @@ def parse_auth_record(obj: Any) -> AuthRecord:
         if password is None and nt_hash is None:
             raise AuthRecordError(f"record {rid}: a windows record needs a password or an nt_hash")
         protocols = obj.get("protocols") or ["ntlmv2"]
-        if not isinstance(protocols, list) or not protocols or any(
-            p not in ("ntlmv2", "ntlmv1") for p in protocols
+        if (
+            not isinstance(protocols, list)
+            or not protocols
+            or any(p not in ("ntlmv2", "ntlmv1") for p in protocols)
         ):
             raise AuthRecordError(f"record {rid}: protocols must list ntlmv2 and/or ntlmv1")
         return WindowsRecord(
-            id=rid, title=title, username=_str(obj, "username"), domain=_opt_str(obj, "domain"),
-            password=password, nt_hash=nt_hash.lower() if nt_hash else None,
-            protocols=tuple(protocols), targets=targets,
+            id=rid,
+            title=title,
+            username=_str(obj, "username"),
+            domain=_opt_str(obj, "domain"),
+            password=password,
+            nt_hash=nt_hash.lower() if nt_hash else None,
+            protocols=tuple(protocols),
+            targets=targets,
         )
     raise AuthRecordError(f"record {rid}: type must be unix or windows")
 
@@ -164,7 +177,8 @@ def _private_key(rid: str, obj: Any) -> PrivateKeySpec:
     if not isinstance(obj, dict) or not isinstance(obj.get("pem"), str) or not obj["pem"].strip():
         raise AuthRecordError(f"record {rid}: each private key needs a pem")
     return PrivateKeySpec(
-        pem=obj["pem"], passphrase=_opt_str(obj, "passphrase"),
+        pem=obj["pem"],
+        passphrase=_opt_str(obj, "passphrase"),
         certificate=_opt_str(obj, "certificate"),
     )
 
@@ -179,7 +193,9 @@ def _targets(obj: dict[str, Any]) -> tuple[Network, ...]:
         try:
             networks.append(ipaddress.ip_network(str(item), strict=False))
         except ValueError:
-            raise AuthRecordError(f"record {rid}: target {item!r} is not an address or CIDR") from None
+            raise AuthRecordError(
+                f"record {rid}: target {item!r} is not an address or CIDR"
+            ) from None
     return tuple(networks)
 
 

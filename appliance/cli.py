@@ -32,9 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, *, user_data: bool = False) -> None:
-        p.add_argument("--config", metavar="FILE", help="configuration file (default /etc/vsa/appliance.toml or $VSA_CONFIG)")
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help="configuration file (default /etc/vsa/appliance.toml or $VSA_CONFIG)",
+        )
         if user_data:
-            p.add_argument("--user-data", metavar="FILE", help="read user-data from FILE instead of IMDS")
+            p.add_argument(
+                "--user-data", metavar="FILE", help="read user-data from FILE instead of IMDS"
+            )
 
     run = sub.add_parser("run", help="the daemon, in the foreground")
     common(run, user_data=True)
@@ -49,14 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     scan = sub.add_parser("scan", help="a one-off scan without any platform")
     _add_scan_arguments(scan)
 
-    reset = sub.add_parser("reset", help="wipe the identity so the instance can be personalized afresh")
+    reset = sub.add_parser(
+        "reset", help="wipe the identity so the instance can be personalized afresh"
+    )
     common(reset)
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     hostkeys = sub.add_parser("hostkeys", help="list or forget pinned SSH host keys")
     common(hostkeys)
     hostkeys.add_argument("action", choices=["list", "forget"])
-    hostkeys.add_argument("host_key", nargs="?", help="the host (instance ID or IP) whose pin to forget")
+    hostkeys.add_argument(
+        "host_key", nargs="?", help="the host (instance ID or IP) whose pin to forget"
+    )
     return parser
 
 

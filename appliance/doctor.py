@@ -76,15 +76,28 @@ async def run_checks(config: Config, *, user_data_file: Path | None = None) -> l
 
 async def _check_imds(ctx: _Context) -> Check:
     if ctx.imds is None:
-        where = f"user-data comes from {ctx.user_data_file}" if ctx.user_data_file else "no user-data source"
-        return Check("IMDS", True, ctx.user_data_file is not None,
-                     f"disabled by configuration (imds.disabled); {where}",
-                     None if ctx.user_data_file else "pass --user-data FILE, or enable IMDS")
+        where = (
+            f"user-data comes from {ctx.user_data_file}"
+            if ctx.user_data_file
+            else "no user-data source"
+        )
+        return Check(
+            "IMDS",
+            True,
+            ctx.user_data_file is not None,
+            f"disabled by configuration (imds.disabled); {where}",
+            None if ctx.user_data_file else "pass --user-data FILE, or enable IMDS",
+        )
     try:
         version = await ctx.imds.probe()
     except ImdsError as exc:
-        return Check("IMDS", True, False, f"not usable at {ctx.imds.endpoint}: {exc}",
-                     "see the message: it names the instance setting to change")
+        return Check(
+            "IMDS",
+            True,
+            False,
+            f"not usable at {ctx.imds.endpoint}: {exc}",
+            "see the message: it names the instance setting to change",
+        )
     try:
         facts = await ctx.imds.instance_facts()
         ctx.region = facts.region
@@ -101,24 +114,38 @@ async def _check_user_data(ctx: _Context) -> Check:
         try:
             raw: bytes | None = ctx.user_data_file.read_bytes()
         except OSError as exc:
-            return Check("user-data", True, False, f"cannot read {ctx.user_data_file}: {exc.strerror}",
-                         "pass a readable file to --user-data")
+            return Check(
+                "user-data",
+                True,
+                False,
+                f"cannot read {ctx.user_data_file}: {exc.strerror}",
+                "pass a readable file to --user-data",
+            )
         source = str(ctx.user_data_file)
     elif ctx.imds is not None and ctx.imds.version is not None:
         try:
             raw = await ctx.imds.user_data()
         except ImdsError as exc:
-            return Check("user-data", True, False, f"cannot be read from IMDS: {exc}", "fix IMDS first")
+            return Check(
+                "user-data", True, False, f"cannot be read from IMDS: {exc}", "fix IMDS first"
+            )
         source = "IMDS"
     else:
-        return Check("user-data", True, False, "no source (IMDS is not usable and no --user-data FILE)",
-                     "fix IMDS, or pass --user-data FILE")
+        return Check(
+            "user-data",
+            True,
+            False,
+            "no source (IMDS is not usable and no --user-data FILE)",
+            "fix IMDS, or pass --user-data FILE",
+        )
     if raw is None:
         return Check("user-data", True, False, f"none ({source} has no user-data)", add_fix)
     try:
         ud = parse_user_data(raw)
     except UserDataError as exc:
-        return Check("user-data", True, False, f"cannot be used: {exc}", "correct the user-data and reboot")
+        return Check(
+            "user-data", True, False, f"cannot be used: {exc}", "correct the user-data and reboot"
+        )
     ctx.user_data = ud
     register_secret(ud.perscode)
     if ud.proxy is not None:
@@ -130,16 +157,27 @@ async def _check_user_data(ctx: _Context) -> Check:
         notes.append(f"ignored unknown keys: {', '.join(ud.unknown_keys)}")
     extra = f"; {'; '.join(notes)}" if notes else ""
     if ud.perscode is None:
-        return Check("user-data", True, False, f"no PERSCODE in the user-data from {source}{extra}", add_fix)
-    return Check("user-data", True, True,
-                 f"PERSCODE found (ending in {mask_perscode(ud.perscode)[-4:]}) from {source}{extra}")
+        return Check(
+            "user-data", True, False, f"no PERSCODE in the user-data from {source}{extra}", add_fix
+        )
+    return Check(
+        "user-data",
+        True,
+        True,
+        f"PERSCODE found (ending in {mask_perscode(ud.perscode)[-4:]}) from {source}{extra}",
+    )
 
 
 async def _check_platform(ctx: _Context) -> Check:
     url = ctx.config.platform_url
     if url is None:
-        return Check("platform", True, False, "no platform URL is configured",
-                     "set platform.url in /etc/vsa/appliance.toml or VSA_PLATFORM_URL")
+        return Check(
+            "platform",
+            True,
+            False,
+            "no platform URL is configured",
+            "set platform.url in /etc/vsa/appliance.toml or VSA_PLATFORM_URL",
+        )
     proxy = ctx.user_data.proxy if ctx.user_data else None
     result = await check_platform(url, ca_file=ctx.config.platform_ca_file, proxy=proxy)
     if result.ok:
@@ -149,11 +187,17 @@ async def _check_platform(ctx: _Context) -> Check:
 
 async def _check_aws(ctx: _Context) -> list[Check]:
     region = ctx.region
-    sts = ctx.config.sts_endpoint or (f"https://sts.{region}.amazonaws.com" if region else "https://sts.amazonaws.com")
+    sts = ctx.config.sts_endpoint or (
+        f"https://sts.{region}.amazonaws.com" if region else "https://sts.amazonaws.com"
+    )
     ec2 = ctx.config.ec2_endpoint or (f"https://ec2.{region}.amazonaws.com" if region else None)
     checks = [await _endpoint_check("STS", sts)]
     if ec2 is None:
-        checks.append(Check("EC2", False, None, "region unknown (no IMDS): the EC2 endpoint is chosen per job"))
+        checks.append(
+            Check(
+                "EC2", False, None, "region unknown (no IMDS): the EC2 endpoint is chosen per job"
+            )
+        )
     else:
         checks.append(await _endpoint_check("EC2", ec2))
     return checks
@@ -164,20 +208,35 @@ async def _endpoint_check(name: str, url: str) -> Check:
     ok, why = await _connect(url, default_port=443, timeout_s=AWS_CHECK_TIMEOUT_S)
     if ok:
         return Check(name, False, True, f"{url} reachable (direct, not through PROXY_URL)")
-    return Check(name, False, False, f"{url} not reachable: {why}",
-                 "needed only for EC2 targets: allow HTTPS to it from the appliance's subnet "
-                 "(VPC endpoint or NAT), or let the platform send an EC2 API proxy")
+    return Check(
+        name,
+        False,
+        False,
+        f"{url} not reachable: {why}",
+        "needed only for EC2 targets: allow HTTPS to it from the appliance's subnet "
+        "(VPC endpoint or NAT), or let the platform send an EC2 API proxy",
+    )
 
 
 async def _check_mqtt(ctx: _Context) -> Check:
     url = ctx.config.mqtt_url
     if url is None:
-        return Check("MQTT", False, None, "no broker configured (optional: the platform is polled over HTTPS)")
+        return Check(
+            "MQTT",
+            False,
+            None,
+            "no broker configured (optional: the platform is polled over HTTPS)",
+        )
     ok, why = await _connect(url, default_port=DEFAULT_MQTTS_PORT, timeout_s=MQTT_CHECK_TIMEOUT_S)
     if ok:
         return Check("MQTT", False, True, f"{url} reachable")
-    return Check("MQTT", False, False, f"{url} not reachable: {why}",
-                 "optional: the appliance works by polling; allow the broker's port to use wake-ups")
+    return Check(
+        "MQTT",
+        False,
+        False,
+        f"{url} not reachable: {why}",
+        "optional: the appliance works by polling; allow the broker's port to use wake-ups",
+    )
 
 
 async def _connect(url: str, *, default_port: int, timeout_s: float) -> tuple[bool, str]:
@@ -189,10 +248,12 @@ async def _connect(url: str, *, default_port: int, timeout_s: float) -> tuple[bo
     context = ssl.create_default_context() if secure else None
     try:
         _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=context, server_hostname=host if secure else None),
+            asyncio.open_connection(
+                host, port, ssl=context, server_hostname=host if secure else None
+            ),
             timeout_s,
         )
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         return False, f"no answer within {timeout_s:g} s"
     except ssl.SSLError as exc:
         return False, f"TLS failed ({exc.reason or exc})"

@@ -99,8 +99,11 @@ class Packages:
     items: tuple[Package, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        return {"manager": self.manager, "ecosystem": self.ecosystem,
-                "items": [asdict(p) for p in self.items]}
+        return {
+            "manager": self.manager,
+            "ecosystem": self.ecosystem,
+            "items": [asdict(p) for p in self.items],
+        }
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import ipaddress
 import re
 import unicodedata
@@ -92,9 +91,13 @@ def gunzip_if_gzip(data: bytes) -> bytes:
         decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         out = decompressor.decompress(data, MAX_USER_DATA_BYTES * 4 + 1)
     except zlib.error as exc:
-        raise UserDataError(f"user-data looks gzip-compressed but cannot be decompressed: {exc}") from None
+        raise UserDataError(
+            f"user-data looks gzip-compressed but cannot be decompressed: {exc}"
+        ) from None
     if len(out) > MAX_USER_DATA_BYTES * 4 or decompressor.unconsumed_tail:
-        raise UserDataError("user-data decompresses to more than 64 KiB; that is not appliance user-data")
+        raise UserDataError(
+            "user-data decompresses to more than 64 KiB; that is not appliance user-data"
+        )
     if not decompressor.eof:
         raise UserDataError("user-data looks gzip-compressed but is truncated")
     return out
@@ -129,8 +132,10 @@ def decode_if_base64(data: bytes) -> bytes:
 
 def _looks_base64(data: bytes) -> bool:
     compact = b"".join(data.split())
-    return bool(compact) and len(compact) % 4 == 0 and bool(
-        re.fullmatch(rb"[A-Za-z0-9+/]+={0,2}", compact)
+    return (
+        bool(compact)
+        and len(compact) % 4 == 0
+        and bool(re.fullmatch(rb"[A-Za-z0-9+/]+={0,2}", compact))
     )
 
 

@@ -103,11 +103,17 @@ class NetnsLab:
         self._add_netns(self.hub)
         self.hub_run("ip", "link", "set", "lo", "up")
         self.hub_run("ip", "link", "add", "br0", "type", "bridge")
-        self.hub_run("ip", "addr", "add", f"{self.scanner_ip}/{self.network.prefixlen}", "dev", "br0")
+        self.hub_run(
+            "ip", "addr", "add", f"{self.scanner_ip}/{self.network.prefixlen}", "dev", "br0"
+        )
         self.hub_run("ip", "link", "set", "br0", "up")
         # New namespaces have bridge netfilter on; frames between ports must
         # not pass through iptables (LAB-NOTES.md).
-        for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"):
+        for name in (
+            "bridge-nf-call-iptables",
+            "bridge-nf-call-ip6tables",
+            "bridge-nf-call-arptables",
+        ):
             if Path(f"/proc/sys/net/bridge/{name}").exists():
                 self.hub_run("sysctl", "-qw", f"net.bridge.{name}=0", check=False)
 
@@ -117,12 +123,31 @@ class NetnsLab:
             raise LabError(f"host {name} already exists")
         if ip is None:
             ip = str(self.network.network_address + self._next_index)
-        self._next_index = max(self._next_index, int(ipaddress.ip_address(ip)) - int(self.network.network_address)) + 1
+        self._next_index = (
+            max(self._next_index, int(ipaddress.ip_address(ip)) - int(self.network.network_address))
+            + 1
+        )
         netns = f"{self.prefix}-{name}"
         self._add_netns(netns)
         index = len(self.hosts) + 1
         hub_end = f"vh{index}"
-        _run(["ip", "-n", self.hub, "link", "add", hub_end, "type", "veth", "peer", "name", "eth0", "netns", netns])
+        _run(
+            [
+                "ip",
+                "-n",
+                self.hub,
+                "link",
+                "add",
+                hub_end,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns,
+            ]
+        )
         self.hub_run("ip", "link", "set", hub_end, "master", "br0")
         self.hub_run("ip", "link", "set", hub_end, "up")
         _run(["ip", "-n", netns, "link", "set", "lo", "up"])
@@ -164,7 +189,9 @@ class NetnsLab:
         """Run a short command in the hub namespace."""
         return _run(self.hub_argv(argv), check=check)
 
-    def host_run(self, host: Host | str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def host_run(
+        self, host: Host | str, *argv: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run a short command in a target namespace."""
         h = self.hosts[host] if isinstance(host, str) else host
         return _run(h.exec_argv(argv), check=check)
@@ -175,7 +202,9 @@ class NetnsLab:
         Servers must run in the foreground (``sshd -D``, ``smbd --foreground``):
         backgrounded daemons are reparented to PID 1, which does not reap them here.
         """
-        proc = subprocess.Popen(["ip", "netns", "exec", netns, *argv], start_new_session=True, **kwargs)  # type: ignore[call-overload]
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, *argv], start_new_session=True, **kwargs
+        )  # type: ignore[call-overload]
         self._processes.append(proc)
         return proc
 

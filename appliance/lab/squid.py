@@ -45,8 +45,12 @@ def squid_available() -> str | None:
 
 def _apr1(password: str) -> str:
     result = subprocess.run(
-        ["openssl", "passwd", "-apr1", "-stdin"], input=password, capture_output=True, text=True,
-        check=True, timeout=10,
+        ["openssl", "passwd", "-apr1", "-stdin"],
+        input=password,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
     )
     return result.stdout.strip()
 
@@ -130,12 +134,18 @@ class Squid:
             pass  # no "proxy" user: Squid keeps running as root, which also works
         self.process = subprocess.Popen(
             [SQUID_BINARY, "-N", "-f", str(conf)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                log = (self.workdir / "cache.log").read_text(errors="replace") if (self.workdir / "cache.log").exists() else ""
+                log = (
+                    (self.workdir / "cache.log").read_text(errors="replace")
+                    if (self.workdir / "cache.log").exists()
+                    else ""
+                )
                 raise SquidError(f"squid exited with {self.process.returncode}: {log[-2000:]}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
@@ -143,7 +153,9 @@ class Squid:
             except OSError:
                 time.sleep(0.1)
         self.stop()
-        raise SquidError(f"squid did not listen on {self.host}:{self.port} within {START_TIMEOUT_S} s")
+        raise SquidError(
+            f"squid did not listen on {self.host}:{self.port} within {START_TIMEOUT_S} s"
+        )
 
     def stop(self) -> None:
         """Stop Squid and remove its directory."""

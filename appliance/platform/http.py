@@ -92,7 +92,9 @@ def platform_session(
     )
 
 
-async def read_bounded(response: aiohttp.ClientResponse, limit: int = MAX_JSON_RESPONSE_BYTES) -> bytes:
+async def read_bounded(
+    response: aiohttp.ClientResponse, limit: int = MAX_JSON_RESPONSE_BYTES
+) -> bytes:
     """Read a response body, refusing more than ``limit`` bytes (declared or streamed)."""
     declared = response.content_length
     if declared is not None and declared > limit:

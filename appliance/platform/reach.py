@@ -7,7 +7,6 @@ line (RUNTIME.md): ``reachable``, or
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import socket
 import ssl
@@ -67,11 +66,18 @@ async def check_platform(
     try:
         context = tls_context(ca_file)
     except (OSError, ssl.SSLError) as exc:
-        return failed(f"the CA file {ca_file} cannot be loaded ({exc})", "point platform.ca_file at a PEM CA bundle")
+        return failed(
+            f"the CA file {ca_file} cannot be loaded ({exc})",
+            "point platform.ca_file at a PEM CA bundle",
+        )
     settings = ProxySettings.from_spec(proxy)
     try:
-        async with platform_session(context, total_timeout_s=timeout_s, connect_timeout_s=timeout_s) as session:
-            async with session.get(platform_url + REACH_PATH, allow_redirects=False, **settings.request_kwargs()) as response:
+        async with platform_session(
+            context, total_timeout_s=timeout_s, connect_timeout_s=timeout_s
+        ) as session:
+            async with session.get(
+                platform_url + REACH_PATH, allow_redirects=False, **settings.request_kwargs()
+            ) as response:
                 return Reachability(True, host, port, shown_proxy, http_status=response.status)
     except aiohttp.ClientHttpProxyError as exc:
         if exc.status == 407:
@@ -96,7 +102,10 @@ async def check_platform(
             else f"check that {ca_file} holds the CA that issued the platform's certificate and the instance's clock",
         )
     except aiohttp.ClientConnectorSSLError as exc:
-        return failed(f"the TLS handshake failed ({exc})", "check that the platform speaks TLS 1.2 or newer on this port")
+        return failed(
+            f"the TLS handshake failed ({exc})",
+            "check that the platform speaks TLS 1.2 or newer on this port",
+        )
     except aiohttp.ClientConnectorDNSError:
         return failed(
             f"the name {host} cannot be resolved",
@@ -104,7 +113,10 @@ async def check_platform(
         )
     except aiohttp.ClientConnectorError as exc:
         reason = _os_reason(exc)
-        if getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED or "refused" in reason.lower():
+        if (
+            getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED
+            or "refused" in reason.lower()
+        ):
             return failed(
                 "the connection was refused",
                 f"check that the platform listens on port {port} and that nothing between rejects it",
@@ -113,15 +125,21 @@ async def check_platform(
             f"the connection failed ({reason})",
             "check the route, security groups and network ACLs to the platform, or set PROXY_URL",
         )
-    except (TimeoutError, asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+    except (TimeoutError, aiohttp.ServerTimeoutError):
         return failed(
             f"no answer within {timeout_s:g} s",
             "check the security groups, network ACLs and routes to the platform, or set PROXY_URL",
         )
     except ssl.SSLError as exc:
-        return failed(f"the TLS handshake failed ({exc.reason or exc})", "check the platform's TLS configuration")
+        return failed(
+            f"the TLS handshake failed ({exc.reason or exc})",
+            "check the platform's TLS configuration",
+        )
     except aiohttp.ClientError as exc:
-        return failed(f"the connection failed ({type(exc).__name__}: {exc})", "check the network path to the platform")
+        return failed(
+            f"the connection failed ({type(exc).__name__}: {exc})",
+            "check the network path to the platform",
+        )
 
 
 def _os_reason(exc: aiohttp.ClientConnectorError) -> str:

@@ -32,8 +32,13 @@ def env_base(tmp_path: Path) -> dict[str, str]:
 
 
 def doctor(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance.cli", "doctor", *extra],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "doctor", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -53,7 +58,9 @@ def emulator_factory() -> Iterator[object]:
 
 
 def test_v2_with_gzip_user_data(env_base: dict[str, str], emulator_factory) -> None:  # type: ignore[no-untyped-def]
-    url = emulator_factory(mode="v2-required", user_data=gzip.compress(f"PERSCODE={PERSCODE}\n".encode()))
+    url = emulator_factory(
+        mode="v2-required", user_data=gzip.compress(f"PERSCODE={PERSCODE}\n".encode())
+    )
     result = doctor({**env_base, "AWS_EC2_METADATA_SERVICE_ENDPOINT": url})
     out = result.stdout
     assert "IMDS" in out and "OK" in out and "IMDSv2 at" in out
@@ -61,7 +68,9 @@ def test_v2_with_gzip_user_data(env_base: dict[str, str], emulator_factory) -> N
     assert "PERSCODE found (ending in 7731) from IMDS" in out
     assert PERSCODE not in out + result.stderr
     # The platform is down: a required check fails, with the contract's words.
-    assert "unable to connect to 127.0.0.1:" in out and "please fix: the connection was refused" in out
+    assert (
+        "unable to connect to 127.0.0.1:" in out and "please fix: the connection was refused" in out
+    )
     assert result.returncode == 1
 
 
@@ -94,22 +103,33 @@ def test_no_user_data_says_what_to_add(env_base: dict[str, str], emulator_factor
 
 
 def test_bad_proxy_url_is_explained_not_guessed(env_base: dict[str, str], emulator_factory) -> None:  # type: ignore[no-untyped-def]
-    url = emulator_factory(mode="v2-optional", user_data=f"PERSCODE={PERSCODE}\nPROXY_URL=jdoe@10.0.0.1\n".encode())
+    url = emulator_factory(
+        mode="v2-optional", user_data=f"PERSCODE={PERSCODE}\nPROXY_URL=jdoe@10.0.0.1\n".encode()
+    )
     result = doctor({**env_base, "AWS_EC2_METADATA_SERVICE_ENDPOINT": url})
     assert "PROXY_URL has a user name but no password" in result.stdout
     assert result.returncode == 1
 
 
-def test_imds_disabled_by_config_with_user_data_file(env_base: dict[str, str], tmp_path: Path) -> None:
+def test_imds_disabled_by_config_with_user_data_file(
+    env_base: dict[str, str], tmp_path: Path
+) -> None:
     user_data = tmp_path / "ud"
     user_data.write_text(f"PERSCODE={PERSCODE}\n")
-    result = doctor({**env_base, "AWS_EC2_METADATA_DISABLED": "true"}, "--user-data", str(user_data))
-    assert f"disabled by configuration (imds.disabled); user-data comes from {user_data}" in result.stdout
+    result = doctor(
+        {**env_base, "AWS_EC2_METADATA_DISABLED": "true"}, "--user-data", str(user_data)
+    )
+    assert (
+        f"disabled by configuration (imds.disabled); user-data comes from {user_data}"
+        in result.stdout
+    )
     assert "PERSCODE found (ending in 7731)" in result.stdout
     assert "MQTT" in result.stdout and "no broker configured" in result.stdout
 
 
 def test_imds_unreachable_is_a_verdict(env_base: dict[str, str]) -> None:
-    result = doctor({**env_base, "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
+    result = doctor(
+        {**env_base, "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    )
     assert "IMDS" in result.stdout and "FAIL" in result.stdout
     assert result.returncode == 1

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import trustme
 from aiohttp import web
+from conftest import require
 
 from appliance.lab.squid import Squid, free_port, squid_available
-from conftest import require
 
 CANARY_PASSWORD = "Canary-pw@7:x91"  # contains '@' and ':' on purpose
 PERSCODE = "DOCTOR-perscode-0042"
@@ -41,7 +41,9 @@ class TlsServer:
         app = web.Application()
 
         async def not_found(request: web.Request) -> web.Response:
-            return web.json_response({"error": "not_found", "message": "no such endpoint"}, status=404)
+            return web.json_response(
+                {"error": "not_found", "message": "no such endpoint"}, status=404
+            )
 
         app.router.add_get("/vsa/v1/", not_found)
         context = self.server_cert.configure_cert  # bound method, applied below
@@ -81,7 +83,9 @@ def squid() -> Iterator[Squid]:
         yield proxy
 
 
-def run_doctor(tmp_path: Path, server: TlsServer, proxy_url: str) -> subprocess.CompletedProcess[str]:
+def run_doctor(
+    tmp_path: Path, server: TlsServer, proxy_url: str
+) -> subprocess.CompletedProcess[str]:
     user_data = tmp_path / "user-data"
     user_data.write_text(f"PERSCODE={PERSCODE}\nPROXY_URL={proxy_url}\n")
     closed = free_port()
@@ -98,12 +102,17 @@ def run_doctor(tmp_path: Path, server: TlsServer, proxy_url: str) -> subprocess.
     (tmp_path / "none.toml").write_text("")
     return subprocess.run(
         [sys.executable, "-m", "appliance.cli", "doctor", "--user-data", str(user_data)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 
 @pytest.mark.parametrize("login", ["jdoe", r"CORP\jdoe"])
-def test_doctor_reaches_platform_through_squid(tmp_path: Path, platform_tls: TlsServer, squid: Squid, login: str) -> None:
+def test_doctor_reaches_platform_through_squid(
+    tmp_path: Path, platform_tls: TlsServer, squid: Squid, login: str
+) -> None:
     result = run_doctor(tmp_path, platform_tls, f"{login}:{CANARY_PASSWORD}@127.0.0.1:{squid.port}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -117,7 +126,9 @@ def test_doctor_reaches_platform_through_squid(tmp_path: Path, platform_tls: Tls
     assert "jdoe" in log
 
 
-def test_doctor_wrong_proxy_password_is_a_clear_failure(tmp_path: Path, platform_tls: TlsServer, squid: Squid) -> None:
+def test_doctor_wrong_proxy_password_is_a_clear_failure(
+    tmp_path: Path, platform_tls: TlsServer, squid: Squid
+) -> None:
     wrong = "Wrong-canary-pw:55"
     result = run_doctor(tmp_path, platform_tls, f"jdoe:{wrong}@127.0.0.1:{squid.port}")
     output = result.stdout + result.stderr
@@ -128,7 +139,9 @@ def test_doctor_wrong_proxy_password_is_a_clear_failure(tmp_path: Path, platform
     assert wrong not in output and CANARY_PASSWORD not in output
 
 
-def test_doctor_untrusted_certificate(tmp_path: Path, platform_tls: TlsServer, squid: Squid) -> None:
+def test_doctor_untrusted_certificate(
+    tmp_path: Path, platform_tls: TlsServer, squid: Squid
+) -> None:
     other_ca = trustme.CA()
     platform_tls.ca_file.write_bytes(other_ca.cert_pem.bytes())
     result = run_doctor(tmp_path, platform_tls, f"jdoe:{CANARY_PASSWORD}@127.0.0.1:{squid.port}")

@@ -31,7 +31,9 @@ def test_defaults_without_any_file() -> None:
 def test_file_then_environment_wins(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("x")
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
 [platform]
 url = "https://platform.example:8443/"
 ca_file = "{ca}"
@@ -42,8 +44,11 @@ public_key = "{KEY_B64}"
 [scan]
 allow_targets = ["127.0.0.0/8"]
 max_parallel_hosts = 8
-""")
-    config = load_config(path, environ={"VSA_STATE_DIR": "/tmp/state", "AWS_EC2_METADATA_DISABLED": "true"})
+""",
+    )
+    config = load_config(
+        path, environ={"VSA_STATE_DIR": "/tmp/state", "AWS_EC2_METADATA_DISABLED": "true"}
+    )
     assert config.platform_url == "https://platform.example:8443"
     assert config.platform_host_port == ("platform.example", 8443)
     assert config.platform_ca_file == ca
@@ -62,9 +67,13 @@ def test_vsa_config_names_the_file(tmp_path: Path) -> None:
 
 
 def test_aws_endpoints_from_standard_variables() -> None:
-    config = load_config(environ={"AWS_ENDPOINT_URL_STS": "http://127.0.0.1:5000",
-                                  "AWS_ENDPOINT_URL_EC2": "http://127.0.0.1:5001",
-                                  "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:1338"})
+    config = load_config(
+        environ={
+            "AWS_ENDPOINT_URL_STS": "http://127.0.0.1:5000",
+            "AWS_ENDPOINT_URL_EC2": "http://127.0.0.1:5001",
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:1338",
+        }
+    )
     assert config.sts_endpoint == "http://127.0.0.1:5000"
     assert config.ec2_endpoint == "http://127.0.0.1:5001"
     assert config.imds_endpoint == "http://127.0.0.1:1338"
@@ -73,11 +82,27 @@ def test_aws_endpoints_from_standard_variables() -> None:
 @pytest.mark.parametrize(
     ("toml", "env", "words"),
     [
-        ('[platform]\nurl = "http://plain.example"\n', {}, r"platform.url from .*appliance.toml \(platform.url\) must be an https:// URL"),
-        ("", {"VSA_PLATFORM_URL": "https://x.example/path"}, r"platform.url from environment variable VSA_PLATFORM_URL must be a base URL"),
-        ('[platform]\nca_file = "/nonexistent/ca.pem"\n', {}, r"platform.ca_file .* not a readable file"),
+        (
+            '[platform]\nurl = "http://plain.example"\n',
+            {},
+            r"platform.url from .*appliance.toml \(platform.url\) must be an https:// URL",
+        ),
+        (
+            "",
+            {"VSA_PLATFORM_URL": "https://x.example/path"},
+            r"platform.url from environment variable VSA_PLATFORM_URL must be a base URL",
+        ),
+        (
+            '[platform]\nca_file = "/nonexistent/ca.pem"\n',
+            {},
+            r"platform.ca_file .* not a readable file",
+        ),
         ('[signatures]\npublic_key = "abc"\n', {}, r"signatures.public_key .* base64"),
-        (f'[signatures]\npublic_key = "{base64.b64encode(b"short").decode()}"\n', {}, r"decodes to 5 bytes"),
+        (
+            f'[signatures]\npublic_key = "{base64.b64encode(b"short").decode()}"\n',
+            {},
+            r"decodes to 5 bytes",
+        ),
         ("[scan]\nmax_parallel_hosts = 0\n", {}, r"scan.max_parallel_hosts .* between 1 and"),
         ("", {"VSA_MAX_PARALLEL_HOSTS": "many"}, r"VSA_MAX_PARALLEL_HOSTS must be a whole number"),
         ("", {"AWS_EC2_METADATA_DISABLED": "maybe"}, r"imds.disabled .* true or false"),
@@ -87,7 +112,9 @@ def test_aws_endpoints_from_standard_variables() -> None:
         ("[platform]\nurll = 1\n", {}, r"unknown key platform.urll"),
     ],
 )
-def test_errors_name_key_source_and_problem(tmp_path: Path, toml: str, env: dict[str, str], words: str) -> None:
+def test_errors_name_key_source_and_problem(
+    tmp_path: Path, toml: str, env: dict[str, str], words: str
+) -> None:
     path = write(tmp_path, toml)
     with pytest.raises(ConfigError, match=words):
         load_config(path, environ=env)

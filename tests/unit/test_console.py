@@ -37,7 +37,9 @@ def test_registered_secrets_never_reach_the_console() -> None:
 def test_multiline_secret_is_scrubbed_line_by_line() -> None:
     pem = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU\n-----END OPENSSH PRIVATE KEY-----\n"
     register_secret(pem)
-    assert "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU" not in redact("key line b3BlbnNzaC1rZXktdjEAAAAABG5vbmU leaked")
+    assert "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU" not in redact(
+        "key line b3BlbnNzaC1rZXktdjEAAAAABG5vbmU leaked"
+    )
 
 
 def test_longer_secret_replaced_whole() -> None:
@@ -46,7 +48,9 @@ def test_longer_secret_replaced_whole() -> None:
     assert redact("x abcdefgh y") == "x *** y"
 
 
-@pytest.mark.parametrize(("code", "shown"), [("12345678901234", "****1234"), ("ABCDEFGH", "****"), (None, "(none)")])
+@pytest.mark.parametrize(
+    ("code", "shown"), [("12345678901234", "****1234"), ("ABCDEFGH", "****"), (None, "(none)")]
+)
 def test_perscode_shows_at_most_last_four(code: str | None, shown: str) -> None:
     assert mask_perscode(code) == shown
 

@@ -32,9 +32,11 @@ from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aioboto3
+import aiohttp
 import botocore.exceptions as bx
 from aiobotocore.utils import AioInstanceMetadataFetcher
 from botocore.config import Config as BotoConfig
+from botocore.parsers import ResponseParserError
 
 from appliance import __version__
 from appliance.config import Config
@@ -661,6 +663,23 @@ def describe_failure(
             f"({type(exc).__name__}: {exc})",
             endpoint=endpoint,
         )
+    if proxy is not None and _proxy_refused_credentials(exc):
+        return Ec2Failure(
+            "proxy_denied",
+            f"the EC2 API proxy {proxy.display_url} refused the request for {name} {where}"
+            "(407 Proxy Authentication Required): check the ec2_api_proxy username and "
+            "password the platform sends",
+            region=region if service == "ec2" else None,
+            endpoint=endpoint,
+        )
+    if isinstance(exc, ResponseParserError):
+        return Ec2Failure(
+            "sts_error" if service == "sts" else "ec2_error",
+            f"{name} {where}at {endpoint} answered something that is not an AWS response"
+            f"{via} (a proxy or gateway in the way?): {_short(exc)[:160]}",
+            region=region if service == "ec2" else None,
+            endpoint=endpoint,
+        )
     if isinstance(exc, bx.ProxyConnectionError) and proxy is not None:
         return Ec2Failure(
             "proxy_unreachable",
@@ -696,15 +715,6 @@ def describe_failure(
         status = meta.get("HTTPStatusCode")
         attempts = int(meta.get("RetryAttempts", 0)) + 1
         said = f"{code}: {aws_message}".strip(": ")
-        if status == 407 and proxy is not None:
-            return Ec2Failure(
-                "proxy_denied",
-                f"the EC2 API proxy {proxy.display_url} refused the request for {name} {where}"
-                "(407 Proxy Authentication Required): check the ec2_api_proxy username and "
-                "password the platform sends",
-                region=region if service == "ec2" else None,
-                endpoint=endpoint,
-            )
         if code in THROTTLING_CODES:
             return Ec2Failure(
                 "throttled",
@@ -793,6 +803,18 @@ def _assume_role_advice(selection: Ec2Selection, aws_message: str) -> str:
     return f"AssumeRole on {role} was denied (AccessDenied){said}: {fix}"
 
 
+def _proxy_refused_credentials(exc: BaseException) -> bool:
+    """Whether a proxy answered 407: as an HTTP answer (plain http endpoints are forwarded,
+    so botocore parses the proxy's page) or on CONNECT (https endpoints: aiohttp's error)."""
+    if isinstance(exc, bx.ClientError):
+        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 407
+    if isinstance(exc, ResponseParserError):
+        text = str(exc)
+        return "Proxy Authentication Required" in text or "ERR_CACHE_ACCESS_DENIED" in text
+    cause = exc.kwargs.get("error") if isinstance(exc, bx.BotoCoreError) else exc
+    return isinstance(cause, aiohttp.ClientHttpProxyError) and cause.status == 407
+
+
 def _network_cause(exc: BaseException) -> str:
     """The cause of a network failure in a few words (refused, timed out, name, TLS)."""
     cause = exc.kwargs.get("error") if isinstance(exc, bx.BotoCoreError) else None
@@ -816,6 +838,12 @@ def _short(exc: BaseException) -> str:
 
 
 # --- I/O: STS and EC2 -------------------------------------------------------------------------
+
+
+# What an STS/EC2 call can fail with; anything else is a bug and propagates.
+_AWS_FAILURES = (
+    bx.BotoCoreError, bx.ClientError, ResponseParserError, aiohttp.ClientError, TimeoutError,
+)
 
 
 class _CallCounter:
@@ -951,7 +979,7 @@ async def _assume_role(
                 endpoint = sts.meta.endpoint_url
                 counter.attach(sts)
                 response = await sts.assume_role(**kwargs)
-    except (bx.BotoCoreError, bx.ClientError, TimeoutError) as exc:
+    except _AWS_FAILURES as exc:
         return describe_failure(
             exc, service="sts", endpoint=endpoint, region=None, selection=selection, proxy=proxy
         )
@@ -994,7 +1022,7 @@ async def _describe_region(
                         for reservation in page.get("Reservations", []):
                             for raw in reservation.get("Instances", []):
                                 facts.append(instance_facts(raw, region))
-    except (bx.BotoCoreError, bx.ClientError, TimeoutError) as exc:
+    except _AWS_FAILURES as exc:
         return describe_failure(
             exc, service="ec2", endpoint=endpoint, region=region, selection=selection, proxy=proxy
         )

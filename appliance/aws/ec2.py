@@ -712,7 +712,6 @@ def describe_failure(
         code = str(error.get("Code") or "")
         aws_message = str(error.get("Message") or "")
         meta = exc.response.get("ResponseMetadata", {})
-        status = meta.get("HTTPStatusCode")
         attempts = int(meta.get("RetryAttempts", 0)) + 1
         said = f"{code}: {aws_message}".strip(": ")
         if code in THROTTLING_CODES:

@@ -9,6 +9,7 @@ boto. A control test shows that a plain botocore client would have used it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -236,7 +237,7 @@ async def test_direct_when_no_ec2_api_proxy_even_with_env_proxies(
         SELECTION, endpoints=AwsEndpoints(sts=server.url, ec2=server.url), session=lab_session()
     )
     assert res.ok and {t.instance_id for t in res.targets} == set(ids)
-    time.sleep(0.5)  # give a (wrongly) proxied request time to reach the log
+    await asyncio.sleep(0.5)  # give a (wrongly) proxied request time to reach the log
     assert platform_proxy.access_lines() == [] and ec2_proxy.access_lines() == []
 
 

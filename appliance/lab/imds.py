@@ -119,13 +119,21 @@ class EmulatorConfig:
 
     mode: Mode = "v2-optional"
     # v1-only: what the token PUT is answered (404 or 405; both exist in the wild).
-    v1_only_status: Literal[404, 405] = 404
+    v1_only_status: int = 404
     profile: InstanceProfile = field(default_factory=InstanceProfile)
     user_data: bytes | None = None
     # Tokens live at most this long whatever the client asks (a test makes them short).
     max_token_ttl_s: int | None = None
     pkcs7: bool = True
     clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(
+                f"unknown IMDS emulator mode {self.mode!r} (one of {', '.join(MODES)})"
+            )
+        if self.v1_only_status not in (404, 405):
+            raise ValueError("v1_only_status must be 404 or 405")
 
 
 @dataclass(frozen=True)
@@ -429,7 +437,12 @@ class ImdsEmulator:
             .add_signer(cert, key, hashes.SHA256())
             .sign(
                 serialization.Encoding.DER,
-                [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.NoCerts],
+                [
+                    pkcs7.PKCS7Options.DetachedSignature,
+                    pkcs7.PKCS7Options.NoCerts,
+                    # sign the bytes as served, not a CRLF-canonicalised copy
+                    pkcs7.PKCS7Options.Binary,
+                ],
             )
         )
         text = base64.b64encode(der).decode("ascii")

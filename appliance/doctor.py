@@ -182,7 +182,8 @@ async def _check_platform(ctx: _Context) -> Check:
     result = await check_platform(url, ca_file=ctx.config.platform_ca_file, proxy=proxy)
     if result.ok:
         return Check("platform", True, True, f"{url} {result.verdict}")
-    return Check("platform", True, False, result.verdict, result.remedy)
+    # The verdict already ends with the remedy, in the console's words.
+    return Check("platform", True, False, result.verdict)
 
 
 async def _check_aws(ctx: _Context) -> list[Check]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import socket
@@ -310,3 +311,15 @@ async def test_token_never_reaches_the_log(caplog: pytest.LogCaptureFixture) -> 
     for token in emulator.tokens_issued:
         assert token not in everything
         assert redact(f"x {token} y") == "x *** y"  # registered as a secret
+
+
+async def test_concurrent_first_calls_share_one_token() -> None:
+    async with running(EmulatorConfig(mode="v2-required")) as (emulator, client):
+        paths = ["meta-data/instance-id", "meta-data/mac", "meta-data/ami-id"] * 7
+        answers = await asyncio.gather(*(client.get_text(p) for p in paths))
+        assert all(answers)
+        assert emulator.count("PUT", TOKEN_PATH) == 1
+        emulator.expire_tokens()
+        await asyncio.gather(*(client.get_text(p) for p in paths))
+        # Each 401 drops only the token it used: one refetch at a time, not one per call.
+        assert emulator.count("PUT", TOKEN_PATH) == 2

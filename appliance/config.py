@@ -181,9 +181,11 @@ KEYS: tuple[_Key, ...] = (
     _Key("scan.allow_targets", "allow_targets", None, _networks),
     _Key("mqtt.url", "mqtt_url", "VSA_MQTT_URL", _mqtt_url),
 )
-_KNOWN_SECTIONS = {k.toml.split(".")[0]: set() for k in KEYS}
+# The sections and key names the TOML file may use; anything else is a typo.
+_KNOWN_SECTIONS: dict[str, set[str]] = {}
 for _k in KEYS:
-    _KNOWN_SECTIONS[_k.toml.split(".")[0]].add(_k.toml.split(".")[1])
+    _section, _name = _k.toml.split(".")
+    _KNOWN_SECTIONS.setdefault(_section, set()).add(_name)
 
 
 def config_file_path(explicit: str | Path | None, environ: Mapping[str, str]) -> Path:

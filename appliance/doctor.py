@@ -104,7 +104,11 @@ async def _check_imds(ctx: _Context) -> Check:
         who = f" (instance {facts.instance_id} in {facts.region})" if facts.instance_id else ""
     except ImdsError:
         who = ""
-    word = "IMDSv2" if version == "v2" else "IMDSv1 (the service does not offer v2)"
+    word = (
+        "IMDSv2"
+        if version == "v2"
+        else f"IMDSv1 ({ctx.imds.version_reason or 'IMDSv2 unavailable'})"
+    )
     return Check("IMDS", True, True, f"{word} at {ctx.imds.endpoint}{who}")
 
 

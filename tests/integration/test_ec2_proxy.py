@@ -270,3 +270,51 @@ async def test_wrong_proxy_password_is_named(
     assert ec2_proxy.url in failure.message and "407" in failure.message
     assert wrong not in (res.message or "")
     assert "TCP_DENIED/407" in ec2_proxy.wait_for_lines(1)[0]
+
+
+@pytest.fixture
+def imds_only_credentials(
+    monkeypatch: pytest.MonkeyPatch, moto: tuple[MotoServer, list[str]], tmp_path: Path
+) -> str:
+    """botocore's default chain with nothing but IMDS to find (moto serves instance credentials)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_EC2_METADATA_DISABLED", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", moto[0].url + "/")
+    return moto[0].url
+
+
+async def test_instance_profile_credentials_from_imds_never_proxied(
+    moto: tuple[MotoServer, list[str]], squids: tuple[Squid, Squid], proxy_env: None,
+    imds_only_credentials: str,
+) -> None:
+    server, ids = moto
+    ec2_proxy, platform_proxy = squids
+    own = parse_ec2_selection({"role_arn": None, "regions": [REGION]})
+    assert own is not None
+    proxy = Ec2ApiProxy(url=ec2_proxy.url, username=PROXY_USER, password=PROXY_PASSWORD)
+    res = await resolve_ec2_targets(
+        own, endpoints=AwsEndpoints(sts=server.url, ec2=server.url), proxy=proxy
+    )
+    assert res.ok, res.message
+    assert {t.instance_id for t in res.targets} == set(ids)
+    # EC2 through the EC2 API proxy; the metadata service (token, role, credentials) direct.
+    lines = ec2_proxy.wait_for_lines(1)
+    assert len(lines) == res.api_calls == 1 and "POST" in lines[0]
+    await asyncio.sleep(0.5)
+    assert platform_proxy.access_lines() == []
+    assert not any("latest" in line for line in ec2_proxy.access_lines())
+
+
+async def test_control_botocore_imds_fetcher_follows_env_proxy(
+    moto: tuple[MotoServer, list[str]], squids: tuple[Squid, Squid], proxy_env: None,
+    imds_only_credentials: str,
+) -> None:
+    # What the replacement fetcher prevents: a stock session fetches IMDS through HTTP_PROXY.
+    credentials = await aioboto3.Session().get_credentials()
+    assert credentials is not None
+    lines = squids[1].wait_for_lines(2)
+    assert any("/latest/api/token" in line for line in lines)

@@ -898,6 +898,13 @@ def _unproxied_http_session(timeout: float) -> Any:
     return _RefCountedSession(timeout=timeout, proxies={})
 
 
+def role_session_name_for(job_id: str) -> str:
+    """``vsa-<job_id>``: the AssumeRole session name that ties CloudTrail entries to a job."""
+    # AWS: 2..64 characters of [\w+=,.@-]; job IDs are [A-Za-z0-9._-]{1,64}.
+    cleaned = re.sub(r"[^\w+=,.@-]", "-", job_id)
+    return f"{ROLE_SESSION_NAME[:3]}-{cleaned}"[:64]
+
+
 async def resolve_ec2_targets(
     selection: Ec2Selection,
     *,
@@ -908,6 +915,7 @@ async def resolve_ec2_targets(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     page_size: int = MAX_PAGE_SIZE,
     session: aioboto3.Session | None = None,
+    role_session_name: str = ROLE_SESSION_NAME,
 ) -> Ec2Resolution:
     """Resolve a selection into targets through STS and EC2; never raises for AWS failures.
 
@@ -916,7 +924,9 @@ async def resolve_ec2_targets(
     appliance's own VPC and addresses (for ``overlapping_address``);
     ``max_attempts`` bounds botocore's standard retries (throttling, network);
     ``page_size`` is DescribeInstances' MaxResults (5..1000); ``session`` lets
-    a caller supply credentials (tests); by default the instance profile.
+    a caller supply credentials (tests); by default the instance profile;
+    ``role_session_name`` shows in the customer's CloudTrail (see
+    :func:`role_session_name_for`).
     Regions are resolved concurrently; a failed region leaves the others' targets.
     """
     endpoints = endpoints or AwsEndpoints()
@@ -927,7 +937,9 @@ async def resolve_ec2_targets(
 
     creds: dict[str, str] | None = None
     if selection.role_arn is not None:
-        assumed = await _assume_role(session, selection, endpoints, config, counter, proxy)
+        assumed = await _assume_role(
+            session, selection, endpoints, config, counter, proxy, role_session_name
+        )
         if isinstance(assumed, Ec2Failure):
             return Ec2Resolution(failures=(assumed,), api_calls=counter.count)
         creds = assumed
@@ -967,13 +979,14 @@ async def _assume_role(
     config: BotoConfig,
     counter: _CallCounter,
     proxy: Ec2ApiProxy | None,
+    role_session_name: str,
 ) -> dict[str, str] | Ec2Failure:
     """STS AssumeRole into the connector role: temporary credentials, or the failure in words."""
     assert selection.role_arn is not None
     endpoint = endpoints.sts or f"https://sts.{selection.regions[0]}.amazonaws.com"
     kwargs: dict[str, Any] = {
         "RoleArn": selection.role_arn,
-        "RoleSessionName": ROLE_SESSION_NAME,
+        "RoleSessionName": role_session_name,
         "DurationSeconds": ASSUME_ROLE_DURATION_S,
     }
     if selection.external_id is not None:

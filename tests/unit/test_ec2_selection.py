@@ -23,6 +23,7 @@ from appliance.aws.ec2 import (
     describe_failure,
     instance_facts,
     parse_ec2_selection,
+    role_session_name_for,
     select_instances,
     server_filters,
 )
@@ -331,3 +332,8 @@ def test_resolution_message_and_reason() -> None:
     bad = Ec2Resolution(failures=(Ec2Failure("sts_unreachable", "the STS endpoint X could not be reached"),))
     assert bad.completion_reason == "target_resolution_failed"
     assert bad.message == "EC2 targets could not be resolved: the STS endpoint X could not be reached"
+
+
+def test_role_session_name_for_job() -> None:
+    assert role_session_name_for("j-42") == "vsa-j-42"
+    assert len(role_session_name_for("x" * 64)) == 64

@@ -212,12 +212,13 @@ def parse_ec2_selection(raw: Any) -> Ec2Selection | None:
 
     instance_ids: tuple[str, ...] | None = None
     if raw.get("instance_ids") is not None:
-        instance_ids = _str_list(raw["instance_ids"], key("instance_ids"))
-        for instance_id in instance_ids:
+        id_list = _str_list(raw["instance_ids"], key("instance_ids"))
+        for instance_id in id_list:
             if not _INSTANCE_ID_RE.match(instance_id):
                 raise Ec2SelectionError(
                     key("instance_ids"), f"has {instance_id!r}, which is not an instance ID"
                 )
+        instance_ids = tuple(dict.fromkeys(id_list))
 
     include_small = raw.get("include_small_types", False)
     if not isinstance(include_small, bool):
@@ -234,7 +235,7 @@ def parse_ec2_selection(raw: Any) -> Ec2Selection | None:
         external_id=external_id,
         platform=platform,
         vpc_ids=tuple(dict.fromkeys(vpc_ids)),
-        instance_ids=tuple(dict.fromkeys(instance_ids)) if instance_ids is not None else None,
+        instance_ids=instance_ids,
         tags_include=_tag_list(raw.get("tags_include") or [], key("tags_include")),
         tags_exclude=_tag_list(raw.get("tags_exclude") or [], key("tags_exclude")),
         include_small_types=include_small,

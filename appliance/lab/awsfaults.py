@@ -89,8 +89,8 @@ class AwsFaultProxy:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # the bound port when 0
-        self.port = sockets[0].getsockname()[1]
+        # The bound port (when 0 was asked): from the runner's listening addresses.
+        self.port = int(self._runner.addresses[0][1])
         return self
 
     async def stop(self) -> None:

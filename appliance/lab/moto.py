@@ -86,7 +86,7 @@ class MotoServer:
         """Start the process and wait until it answers (about 0.6 s)."""
         if self.port == 0:
             self.port = free_port()
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        log: Any = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ)
         # The server must never reach out through a proxy inherited from the caller.
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):

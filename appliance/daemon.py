@@ -405,7 +405,9 @@ class Daemon:
             return
         self.forget_said("user-data")
         masked = mask_perscode(user_data.perscode)
-        self.console.say(f"personalization code found ({masked})")
+        code = user_data.perscode or ""
+        ending = f"ending in {code[-4:]}" if len(code) > 8 else "shown as ****"
+        self.console.say(f"personalization code found (PERSCODE {ending})")
         if user_data.proxy is not None:
             self.console.say(f"proxy for the platform: {user_data.proxy.display()}")
         else:
@@ -430,23 +432,29 @@ class Daemon:
     # --- connectivity ---
 
     async def await_reachable(self, client: PlatformClient, user_data: UserData) -> None:
-        """The console's verdict: ``reachable``, or ``unable to connect ... - please fix: ...`` and retry."""
-        from appliance.platform.reach import check_platform  # the same check as `vsa doctor`
-
+        """The console's verdict: ``reachable``, or ``unable to connect to HOST:PORT - please fix: ...``; retried."""
         self.phase("connectivity")
         backoff = self.timings.backoff(self.timings.default_poll_interval_s)
+        via = f" through the proxy {user_data.proxy.display()}" if user_data.proxy else ""
         attempt = 0
         while True:
             self.check_stop()
-            verdict = await check_platform(
-                client.base_url, ca_file=self.config.platform_ca_file, proxy=user_data.proxy
-            )
-            self.status.update(platform={"reachable": verdict.ok, "verdict": verdict.verdict})
-            self.say_once("connectivity", f"platform {client.host}:{client.port}: {verdict.verdict}")
-            if verdict.ok:
-                return
-            attempt += 1
-            await self.sleep(backoff.delay_s(attempt, rng=self.rng))
+            try:
+                await client.probe()
+            except PlatformUnreachable as exc:
+                attempt += 1
+                delay = backoff.delay_s(attempt, rng=self.rng)
+                self.status.update(platform={"reachable": False, "verdict": str(exc)}, detail=str(exc))
+                self.say_once("connectivity", f"platform: {exc} (the appliance keeps trying)")
+                await self.sleep(delay)
+                continue
+            except PlatformError as exc:  # an answer of any kind means the path works
+                log.info("connectivity check answered oddly: %s", exc)
+            verdict = f"reachable{via}"
+            self.status.update(platform={"reachable": True, "verdict": verdict}, detail=None)
+            self.forget_said("connectivity")
+            self.console.say(f"platform {client.host}:{client.port}: {verdict}")
+            return
 
     # --- identity ---
 

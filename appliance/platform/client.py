@@ -23,8 +23,10 @@ typed error; retrying is the caller's business (the daemon's loop, driven by
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -55,6 +57,7 @@ log = logging.getLogger("vsa.platform")
 
 REGISTER_PATH = "/vsa/v1/register"
 POLL_PATH = "/vsa/v1/poll"
+PROBE_PATH = "/vsa/v1/"
 
 
 # --- errors ---
@@ -201,6 +204,15 @@ class PlatformClient:
 
     # --- the protocol ---
 
+    async def probe(self) -> int:
+        """Connect (through the proxy), verify TLS, send ``GET /vsa/v1/``: the HTTP status on success.
+
+        Any HTTP answer means the path works (TCP, proxy, TLS with verification);
+        a failure raises :class:`PlatformUnreachable` with the cause and the remedy.
+        """
+        status, _, _ = await self._request("GET", PROBE_PATH, None, mutual=False, what="connectivity check")
+        return status
+
     async def register(self, request: RegisterRequest) -> RegisterResponse:
         """``POST /vsa/v1/register`` without a client certificate → the typed ``201`` answer."""
         status, body, headers = await self._request("POST", REGISTER_PATH, request.to_json(), mutual=False, what="register")
@@ -307,7 +319,7 @@ def describe_connection_failure(
         return f"the name {host} cannot be resolved", "check platform.url and the VPC's DNS settings (enableDnsSupport)"
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = _os_reason(exc)
-        if "refused" in reason.lower():
+        if "refused" in reason.lower() or getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED:
             return ("the connection was refused",
                     f"check that the platform listens on port {port} and that nothing between rejects it")
         return (f"the connection failed ({reason})",
@@ -329,4 +341,6 @@ def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
         return "name not resolved"
     if os_error is None:
         return str(exc)
+    if os_error.errno is not None and not os_error.strerror:
+        return os.strerror(os_error.errno)
     return os_error.strerror or str(os_error)

@@ -182,3 +182,80 @@ async def connect_scan(
         if result.unreachable:
             result.filtered = 0
     return results
+
+
+# ---- UDP -------------------------------------------------------------------------------
+
+UDP_TIMEOUT_S = 1.0
+# Linux lets a host send about six ICMP port-unreachables at once, then one a
+# second (icmp_ratelimit): silent ports are asked again, this many more times.
+UDP_RETRIES = 2
+UDP_PROBES_PER_HOST = 16
+# Requests that make common UDP services answer; other ports get an empty datagram.
+UDP_PAYLOADS: dict[int, bytes] = {
+    # DNS: a query for the root's NS records, id 0x5653.
+    53: bytes.fromhex("56530100000100000000000000000200 01".replace(" ", "")),
+    # NTP: a version 3 client request.
+    123: b"\x1b" + b"\x00" * 47,
+    # SNMP v1 get-request for sysDescr.0 with community "public".
+    161: bytes.fromhex("302602010004067075626c6963a01902044e56534102010002010030"
+                       "0b300906052b060102010500"),
+    # NetBIOS name service: a node status request for "*".
+    137: bytes.fromhex("a2480000000100000000000020434b41414141414141414141414141414141414141"
+                       "414141414141414141410000210001"),
+}
+
+
+class _UdpProbe(asyncio.DatagramProtocol):
+    def __init__(self, done: asyncio.Future[str]) -> None:
+        self.done = done
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        if not self.done.done():
+            self.done.set_result("open")
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_result("closed" if isinstance(exc, ConnectionRefusedError) else "open|filtered")
+
+
+async def udp_probe(ip: str, port: int, timeout_s: float = UDP_TIMEOUT_S) -> str:
+    """One UDP probe: ``open`` (an answer), ``closed`` (ICMP port unreachable) or ``open|filtered``."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str] = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProbe(done), remote_addr=(ip, port))
+    try:
+        transport.sendto(UDP_PAYLOADS.get(port, b""))
+        return await asyncio.wait_for(done, timeout_s)
+    except TimeoutError:
+        return "open|filtered"
+    finally:
+        transport.close()
+
+
+async def udp_scan(hosts: Sequence[str], ports: Sequence[int], *, timeout_s: float = UDP_TIMEOUT_S,
+                   retries: int = UDP_RETRIES) -> dict[str, dict[int, str]]:
+    """UDP-scan ``ports`` on every host: per host, each port's state (silent ports asked again)."""
+    out: dict[str, dict[int, str]] = {}
+
+    async def host(ip: str) -> None:
+        limit = asyncio.Semaphore(UDP_PROBES_PER_HOST)
+        states: dict[int, str] = {}
+
+        async def one(port: int) -> None:
+            async with limit:
+                try:
+                    states[port] = await udp_probe(ip, port, timeout_s)
+                except OSError:
+                    states[port] = "open|filtered"
+
+        pending = list(ports)
+        for _attempt in range(retries + 1):
+            await asyncio.gather(*(one(p) for p in pending))
+            pending = [p for p in pending if states.get(p) == "open|filtered"]
+            if not pending:
+                break
+        out[ip] = states
+
+    await asyncio.gather(*(host(ip) for ip in hosts))
+    return out

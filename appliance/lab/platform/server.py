@@ -51,7 +51,7 @@ SIGNATURES_CHUNK_BYTES = 256 * KIB
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
-CALLER_KEY = web.AppKey("caller", object)
+CALLER_KEY = web.RequestKey("caller", CallerCert | None)
 PLATFORM_KEY = web.AppKey("platform", Platform)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -78,13 +78,12 @@ def _peer_fingerprint(request: web.Request) -> str | None:
 
 def _caller(request: web.Request) -> CallerCert:
     """The appliance behind this request's certificate, or ``401 unknown_appliance``."""
-    caller = request.get("caller")
+    caller = request.get(CALLER_KEY)
     if caller is None:
         raise ProtocolRefusal(
             401, "unknown_appliance",
             "no client certificate was presented: register first, then use mutual TLS",
         )
-    assert isinstance(caller, CallerCert)
     if caller.state != "active":
         why = ("a newer registration superseded this certificate" if caller.state == "superseded"
                else "the platform forgot this appliance")
@@ -160,7 +159,7 @@ class PlatformApp:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         fingerprint = _peer_fingerprint(request)
         caller = self.store.caller(fingerprint) if fingerprint else None
-        request["caller"] = caller
+        request[CALLER_KEY] = caller
         appliance_id = caller.appliance_id if caller else None
         user_agent = request.headers.get("User-Agent")
         fault_name: str | None = None

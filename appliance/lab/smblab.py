@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -122,7 +123,7 @@ class SambaSettings:
     server_signing: str = "default"  # "mandatory" requires signing
     server_min_protocol: str | None = None  # e.g. "NT1" to enable SMB1
     server_max_protocol: str | None = None
-    log_level: int = 1
+    log_level: int | str = 1  # e.g. "1 auth_json_audit:3" to log every authentication as JSON
     extra_global: tuple[tuple[str, str], ...] = ()
     shares: tuple[str, ...] = ("data",)
 
@@ -245,6 +246,21 @@ class SambaServer:
             with contextlib.suppress(OSError):
                 texts += [f"{path.name}: {line}" for line in path.read_text(errors="replace").splitlines()]
         return "\n".join(texts[-lines:])
+
+    def auth_events(self) -> list[dict[str, object]]:
+        """The JSON authentication audit events smbd logged (needs ``auth_json_audit:3``)."""
+        events: list[dict[str, object]] = []
+        for path in sorted(self._dir("log").glob("log.*")):
+            with contextlib.suppress(OSError):
+                for line in path.read_text(errors="replace").splitlines():
+                    start = line.find('{"timestamp"')
+                    if start < 0:
+                        continue
+                    with contextlib.suppress(ValueError):
+                        event = json.loads(line[start:])
+                        if isinstance(event, dict) and isinstance(event.get("Authentication"), dict):
+                            events.append(event["Authentication"])
+        return events
 
     def stop(self) -> None:
         """Stop smbd, then samba-dcerpcd through its pid file (it detaches from smbd)."""

@@ -54,6 +54,7 @@ CBS_PACKAGES_KEY = r"SOFTWARE\Microsoft\Windows\CurrentVersion\Component Based S
 ENVIRONMENT_KEY = r"SYSTEM\CurrentControlSet\Control\Session Manager\Environment"
 ARCH_VALUE = "PROCESSOR_ARCHITECTURE"
 
+WINDOWS_10_FIRST_BUILD = 10240
 WINDOWS_11_FIRST_BUILD = 22000
 
 # CurrentState of a CBS package (the servicing stack's install states, x16).
@@ -147,7 +148,10 @@ def parse_current_version(values: Mapping[str, RegValue]) -> WindowsVersion:
             build = int(lab.split(".", 1)[0])
     major = reg_int(values.get("CurrentMajorVersionNumber"))
     minor = reg_int(values.get("CurrentMinorVersionNumber"))
-    if major is None:
+    if major is None and build is not None and build >= WINDOWS_10_FIRST_BUILD:
+        # Windows 10 and later freeze CurrentVersion at "6.3" for old programs.
+        major, minor = 10, 0
+    elif major is None:
         # Before Windows 10, CurrentVersion is the real "major.minor".
         legacy = reg_text(values.get("CurrentVersion"))
         match = re.fullmatch(r"(\d+)\.(\d+)", legacy or "")

@@ -46,7 +46,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from appliance.kb.errors import KbFormatError
 from appliance.kb.versions import (
@@ -180,8 +180,7 @@ class Advisory:
     raw_severity: dict[str, Any]  # database_specific and severity of the record only
 
 
-@dataclass(frozen=True)
-class Interval:
+class Interval(NamedTuple):
     """An affected interval of one range: ``lo <= v < hi`` (``<=`` when last_affected)."""
 
     lo: VersionKey | None  # None: from the beginning ("introduced": "0")
@@ -212,11 +211,11 @@ class Entry:
 
     def matches(self, key: VersionKey) -> tuple[bool, str | None]:
         """Whether an installed version (as key) is affected, and the fixed version."""
-        for iv in self.intervals:
-            if iv.lo is not None and key < iv.lo:
+        for lo, hi, hi_inclusive, fixed in self.intervals:
+            if lo is not None and key < lo:
                 continue
-            if iv.hi is None or key < iv.hi or (iv.hi_inclusive and key == iv.hi):
-                return True, iv.fixed
+            if hi is None or key < hi or (hi_inclusive and key == hi):
+                return True, fixed
         if key in self.versions:
             return True, None
         return False, None
@@ -385,44 +384,66 @@ class KnowledgeBase:
         if not ecosystems:
             return []
         source_keyed = _split_ecosystem(packages.ecosystem)[0] in SOURCE_KEYED_DISTRIBUTIONS
-        findings: list[Finding] = []
+        # Binaries of one source at one version share the evaluation: group them.
+        groups: dict[tuple[str, str], list[Package]] = {}
         for pkg in packages.items:
-            findings += self._match_package(pkg, ecosystems, source_keyed)
+            if source_keyed and pkg.source_name:
+                groups.setdefault((pkg.source_name, pkg.source_version or pkg.version), []).append(pkg)
+            else:
+                groups.setdefault((pkg.name, pkg.version), []).append(pkg)
+                if pkg.source_name and pkg.source_name != pkg.name:
+                    # RPM records are keyed by binary name; a source-named record still counts.
+                    groups.setdefault((pkg.source_name, pkg.source_version or pkg.version),
+                                      []).append(pkg)
+        findings: list[Finding] = []
+        append = findings.append
+        # Only a package filed under two names (RPM: binary and source) can meet
+        # one advisory twice; track what was reported for those alone.
+        twice: set[int] = set()
+        if not source_keyed:
+            counted: set[int] = set()
+            for pkgs in groups.values():
+                for p in pkgs:
+                    (twice if id(p) in counted else counted).add(id(p))
+        reported: set[tuple[str, str]] = set()
+        keys: dict[tuple[str, str], VersionKey | None] = {}
+        for (name, version), pkgs in groups.items():
+            for entry, fixed in self._evaluate(name, version, ecosystems, keys):
+                advisory_id, title, severity = entry.advisory.id, entry.advisory.title, entry.severity
+                for pkg in pkgs:
+                    if twice and id(pkg) in twice:
+                        if (advisory_id, pkg.name) in reported:
+                            continue
+                        reported.add((advisory_id, pkg.name))
+                    append(Finding(advisory_id, "osv", severity, title, pkg.name,
+                                   name if name != pkg.name else None, pkg.version, fixed, "package"))
         return findings
 
-    def _match_package(self, pkg: Package, ecosystems: tuple[str, ...],
-                       source_keyed: bool) -> list[Finding]:
-        if source_keyed and pkg.source_name:
-            lookups = [(pkg.source_name, pkg.source_version or pkg.version)]
-        else:
-            lookups = [(pkg.name, pkg.version)]
-            if pkg.source_name and pkg.source_name != pkg.name:
-                lookups.append((pkg.source_name, pkg.source_version or pkg.version))
-        found: list[Finding] = []
+    def _evaluate(self, name: str, version: str, ecosystems: tuple[str, ...],
+                  keys: dict[tuple[str, str], VersionKey | None]) -> list[tuple[Entry, str | None]]:
+        """The entries (one per advisory) affecting ``name`` at ``version``, with their fix."""
+        hits: list[tuple[Entry, str | None]] = []
         seen: set[str] = set()
-        keys: dict[tuple[str, str], VersionKey | None] = {}
-        for lookup_name, version in lookups:
-            for ecosystem in ecosystems:
-                for entry in self.index.get((ecosystem, lookup_name), ()):
-                    if entry.advisory.id in seen:
-                        continue
-                    cache_key = (entry.scheme, version)
-                    if cache_key not in keys:
-                        try:
-                            keys[cache_key] = key_function(entry.scheme)(version)
-                        except VersionError:
-                            keys[cache_key] = None  # an unreadable installed version matches nothing
-                    key = keys[cache_key]
-                    if key is None:
-                        continue
-                    hit, fixed = entry.matches(key)
-                    if not hit:
-                        continue
+        for ecosystem in ecosystems:
+            entries = self.index.get((ecosystem, name))
+            if not entries:
+                continue
+            scheme = entries[0].scheme  # one ecosystem, one version order
+            key = keys.get((scheme, version), _MISSING)
+            if key is _MISSING:
+                try:
+                    key = key_function(scheme)(version)
+                except VersionError:
+                    key = None  # an unreadable installed version matches nothing
+                keys[(scheme, version)] = key
+            if key is None:
+                continue
+            for entry in entries:
+                hit, fixed = entry.matches(key)
+                if hit and entry.advisory.id not in seen:
                     seen.add(entry.advisory.id)
-                    found.append(Finding(
-                        id=entry.advisory.id, source="osv",
-                        severity=entry.severity,
-                        title=entry.advisory.title, package=pkg.name,
-                        source_package=lookup_name if lookup_name != pkg.name else None,
-                        installed=pkg.version, fixed=fixed, detection="package"))
-        return found
+                    hits.append((entry, fixed))
+        return hits
+
+
+_MISSING: Any = object()

@@ -33,7 +33,16 @@ def _parser() -> argparse.ArgumentParser:
                                 description="The VSA reference platform (lab only).")
     p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV),
                    help=f"the platform's data directory (default ${DATA_DIR_ENV})")
+    # --data-dir is accepted before or after the command name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     s = sub.add_parser("init", help="create the CA, server certificate, keys and database")
     s.add_argument("--server-name", action="append", dest="server_names",

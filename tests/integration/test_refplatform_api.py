@@ -612,3 +612,68 @@ async def test_secrets_never_reach_the_database_in_clear(server: PlatformServer,
     assert oct(platform.data_dir.stat().st_mode & 0o777) == "0o700"
     for name in ("ca.key", "server.key", "signing.key", "vault.key", "pepper.key", "platform.db"):
         assert oct((platform.data_dir / name).stat().st_mode & 0o777) == "0o600", name
+
+
+async def test_corrupt_bundles_for_appliance_tests(server: PlatformServer, platform: Platform) -> None:
+    a = await registered(server, platform)
+    public = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(platform.signing_public_key()))
+    for corrupt, sha_ok, sig_ok in (("signature", True, False), ("sha256", False, True),
+                                    ("bytes", False, False)):
+        offer = platform.publish_signatures([{"id": "CVE-1"}], version=f"bad-{corrupt}", corrupt=corrupt)
+        data = (await a.request("GET", offer["url"])).raw
+        assert (hashlib.sha256(data).hexdigest() == offer["sha256"]) is sha_ok
+        try:
+            public.verify(base64.b64decode(offer["signature"]), data)
+            verified = True
+        except Exception:  # cryptography's InvalidSignature
+            verified = False
+        assert verified is sig_ok, corrupt
+    platform.publish_signatures([{"id": "CVE-1"}], version="elsewhere", url="https://evil.example/kb.gz")
+    assert (await a.poll()).body["signatures"]["url"] == "https://evil.example/kb.gz"
+
+
+async def test_unknown_fields_are_ignored_everywhere(server: PlatformServer, platform: Platform) -> None:
+    a, job_id = await accepted_job(server, platform, ["10.77.0.10"])
+    assert (await a.poll(future={"a": 1})).status == 200
+    result = host_result("10.77.0.10") | {"future": [1]}
+    result["target"]["future"] = True
+    assert (await a.put_host(job_id, result)).status == 201
+    body = {"status": "finished", "reason": None, "message": "1 host", "future": 1,
+            "summary": {"hosts_targeted": 1, "hosts_alive": 1, "hosts_excluded": 0,
+                        "hosts_scanned": 1, "findings": 0, "future": 2},
+            "host_keys": ["10.77.0.10"]}
+    assert (await a.request("POST", f"/vsa/v1/jobs/{job_id}/complete", body)).status == 200
+    assert (await a.request("POST", f"/vsa/v1/jobs/{job_id}/accept", {"future": 1})).status == 200
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_tls_names_and_minimum_version(server: PlatformServer, platform: Platform) -> None:
+    by_name = LabAppliance(f"https://localhost:{server.port}", platform.ca_file, I1)
+    assert (await by_name.register(platform.create_perscode())).status == 201
+    old = appliance(server, platform, I2)
+    ctx = ssl.create_default_context(cafile=str(platform.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    connector = aiohttp.TCPConnector(ssl=ctx)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
+            await session.post(old.base_url + "/vsa/v1/register", json={},
+                               timeout=aiohttp.ClientTimeout(total=10))
+
+
+async def test_wait_helpers(server: PlatformServer, platform: Platform) -> None:
+    a, job_id = await accepted_job(server, platform, ["10.77.0.10"])
+
+    async def finish() -> None:
+        await asyncio.sleep(0.2)
+        await a.put_host(job_id, host_result("10.77.0.10"))
+        await a.complete(job_id, ["10.77.0.10"])
+
+    task = asyncio.create_task(finish())
+    report = await asyncio.to_thread(platform.wait_for_job, job_id, timeout_s=10)
+    await task
+    assert report["state"] == "completed"
+    rows = await asyncio.to_thread(platform.wait_for_requests, 1, method="PUT", timeout_s=5)
+    assert rows[0]["status"] == 201 and rows[0]["user_agent"].startswith("vsa/")
+    with pytest.raises(Exception, match="waited"):
+        await asyncio.to_thread(platform.wait_for_requests, 5, method="DELETE", timeout_s=0.2)

@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("publish-signatures", help="publish a signed OSV bundle")
     s.add_argument("file", type=Path, help="OSV records: .jsonl, .json array, or a .gz bundle")
     s.add_argument("--version")
+    s.add_argument("--corrupt", choices=["signature", "sha256", "bytes"],
+                   help="lab: publish a bundle that must fail the appliance's checks")
+    s.add_argument("--url", help="lab: offer this URL instead of the platform's own path")
 
     s = sub.add_parser("fault", help="inject a fault into the running server (lab only)")
     fsub = s.add_subparsers(dest="fault", required=True)
@@ -221,7 +224,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif cmd == "keygen":
             print(platform.keygen())
         elif cmd == "publish-signatures":
-            _print(platform.publish_signatures(args.file, version=args.version))
+            _print(platform.publish_signatures(args.file, version=args.version,
+                                              corrupt=args.corrupt, url=args.url))
         elif cmd == "fault":
             _fault(platform, args)
         elif cmd == "requests":

@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import string
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ PERSCODE_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
 PERSCODE_DIGITS = 14
 JOB_ID_RE = PATH_ID_RE
 DEFAULT_RETRY_AFTER_S = 5
+WAIT_STEP_S = 0.05
 DEFAULT_OPTIONS: dict[str, Any] = {
     "tcp_ports": "standard",
     "udp_ports": "none",
@@ -336,6 +338,8 @@ class Platform:
         records: Iterable[dict[str, Any]] | str | os.PathLike[str],
         *,
         version: str | None = None,
+        corrupt: str | None = None,
+        url: str | None = None,
     ) -> dict[str, Any]:
         """Publish a knowledge-base bundle: OSV records as gzip JSON Lines, signed with Ed25519.
 
@@ -343,7 +347,14 @@ class Platform:
         gzip JSON Lines (``.gz``, republished byte for byte) or a JSON array. The
         new bundle becomes the one poll responses offer. Returns the offer
         (``version``, ``url``, ``sha256``, ``signature``) and ``size``.
+
+        Lab only, to test how an appliance refuses a bad bundle: ``corrupt`` is
+        ``"signature"`` (signed over other bytes), ``"sha256"`` (a wrong digest in
+        the offer) or ``"bytes"`` (the served file differs from what was digested
+        and signed); ``url`` replaces the offer's URL (e.g. another origin).
         """
+        if corrupt not in (None, "signature", "sha256", "bytes"):
+            raise LabPlatformError("corrupt is one of signature, sha256, bytes")
         if isinstance(records, str | os.PathLike):
             bundle = _bundle_from_file(Path(records))
         else:
@@ -352,12 +363,16 @@ class Platform:
         if not PATH_ID_RE.match(version):
             raise LabPlatformError("a signatures version is 1-64 characters of A-Z, a-z, 0-9, . _ -")
         digest = hashlib.sha256(bundle).hexdigest()
-        signature = base64.b64encode(self._signing_key().sign(bundle)).decode("ascii")
+        signed = bundle + b"tampered" if corrupt == "signature" else bundle
+        signature = base64.b64encode(self._signing_key().sign(signed)).decode("ascii")
+        if corrupt == "sha256":
+            digest = hashlib.sha256(b"not the bundle").hexdigest()
+        served = bundle[:-1] + bytes([bundle[-1] ^ 0xFF]) if corrupt == "bytes" else bundle
         target = self.signatures_dir / f"{version}.jsonl.gz"
         tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(bundle)
+        tmp.write_bytes(served)
         os.replace(tmp, target)
-        self.store.add_signatures(version, digest, signature, len(bundle), target.name)
+        self.store.add_signatures(version, digest, signature, len(served), target.name, url)
         offer = self.signatures_offer()
         assert offer is not None
         return offer | {"size": len(bundle)}
@@ -374,13 +389,44 @@ class Platform:
         row = self.store.current_signatures()
         if row is None:
             return None
-        return {"version": row["version"], "url": f"/vsa/v1/signatures/{row['version']}",
+        return {"version": row["version"],
+                "url": row["offer_url"] or f"/vsa/v1/signatures/{row['version']}",
                 "sha256": row["sha256"], "signature": row["signature"]}
 
     def signatures_file(self, version: str) -> Path | None:
         """The bundle file of a published version."""
         row = self.store.signatures(version)
         return self.signatures_dir / row["file"] if row is not None else None
+
+    # -- waiting (tests and the demo) -----------------------------------------------------------
+
+    def wait_for_requests(self, count: int, *, timeout_s: float = 30.0, **filters: Any) -> list[dict[str, Any]]:
+        """Block until at least ``count`` recorded requests match ``filters``; return them."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = self.requests(**filters)
+            if len(rows) >= count:
+                return rows
+            if time.monotonic() > deadline:
+                raise LabPlatformError(
+                    f"waited {timeout_s:.0f} s for {count} requests matching {filters}; saw {len(rows)}"
+                )
+            time.sleep(WAIT_STEP_S)
+
+    def wait_for_job(self, job_id: str, states: tuple[str, ...] = ("completed",), *,
+                     timeout_s: float = 60.0) -> dict[str, Any]:
+        """Block until the job is in one of ``states``; return :meth:`results`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            report = self.results(job_id)
+            if report["state"] in states:
+                return report
+            if time.monotonic() > deadline:
+                raise LabPlatformError(
+                    f"waited {timeout_s:.0f} s for job {job_id} to be {'/'.join(states)}; "
+                    f"it is {report['state']}"
+                )
+            time.sleep(WAIT_STEP_S)
 
     # -- fault injection (lab only) ---------------------------------------------------------
 

@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS faults (
   remaining INTEGER, until_s REAL, params_json TEXT NOT NULL, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS signatures (
   version TEXT PRIMARY KEY, sha256 TEXT NOT NULL, signature TEXT NOT NULL, size INTEGER NOT NULL,
-  file TEXT NOT NULL, published_at TEXT NOT NULL, seq INTEGER NOT NULL);
+  file TEXT NOT NULL, published_at TEXT NOT NULL, seq INTEGER NOT NULL, offer_url TEXT);
 CREATE INDEX IF NOT EXISTS requests_path ON requests (path);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_s);
 """
@@ -603,15 +603,18 @@ class Store:
 
     # -- signatures ------------------------------------------------------------------
 
-    def add_signatures(self, version: str, sha256: str, signature: str, size: int, file: str) -> None:
+    def add_signatures(
+        self, version: str, sha256: str, signature: str, size: int, file: str,
+        offer_url: str | None = None,
+    ) -> None:
         """Record a published bundle; the newest published is the current one."""
         with self.tx() as db:
             seq_row = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 AS s FROM signatures").fetchone()
             try:
                 db.execute(
-                    "INSERT INTO signatures (version, sha256, signature, size, file, published_at, seq) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (version, sha256, signature, size, file, now_rfc3339(), seq_row["s"]),
+                    "INSERT INTO signatures (version, sha256, signature, size, file, published_at, "
+                    "seq, offer_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (version, sha256, signature, size, file, now_rfc3339(), seq_row["s"], offer_url),
                 )
             except sqlite3.IntegrityError as exc:
                 raise LabPlatformError(f"signatures version {version} was published already") from exc

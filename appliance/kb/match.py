@@ -43,6 +43,8 @@ import gzip
 import json
 import logging
 import zlib
+from functools import lru_cache
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,7 @@ def severity_from_score(score: float) -> int:
     return 1
 
 
+@lru_cache(maxsize=65536)  # advisories share a few thousand distinct vectors
 def cvss_base_score(kind: str, vector: str) -> float | None:
     """The base score of a CVSS vector of OSV ``severity[].type`` ``kind``, None if unreadable."""
     from cvss import CVSS2, CVSS3, CVSS4  # imported here: only records without a severity need it
@@ -121,7 +124,8 @@ def severity_of(record: dict[str, Any], affected: dict[str, Any] | None = None) 
             if isinstance(item, dict):
                 vectors.append((str(item.get("type")), item.get("score")))  # type: ignore[arg-type]
     for kind in _CVSS_PREFERENCE:
-        scores = [s for t, v in vectors if t == kind and (s := cvss_base_score(t, v)) is not None]
+        scores = [s for t, v in vectors
+                  if t == kind and isinstance(v, str) and (s := cvss_base_score(t, v)) is not None]
         if scores:
             return severity_from_score(max(scores))
     return DEFAULT_SEVERITY
@@ -255,6 +259,56 @@ def _compile_range(events: list[Any], keyf: KeyFunction) -> list[Interval]:
     return intervals
 
 
+class Bucket:
+    """The entries of one (ecosystem, package), arranged so a version finds its hits by bisection.
+
+    Most OSV entries say "affected from the beginning up to a fix" (or up to a
+    last affected version): sorted by that bound, the entries affecting a version
+    are a suffix of the list, found with one binary search. Entries of any other
+    shape (several intervals, a lower bound, a versions list) are checked one by one.
+    """
+
+    __slots__ = ("fixed_bounds", "fixed_entries", "last_bounds", "last_entries", "always", "general")
+
+    def __init__(self, entries: list[Entry]) -> None:
+        fixed: list[tuple[VersionKey, int, Entry]] = []
+        last: list[tuple[VersionKey, int, Entry]] = []
+        self.always: list[Entry] = []
+        self.general: list[Entry] = []
+        for order, entry in enumerate(entries):
+            if len(entry.intervals) == 1 and not entry.versions and entry.intervals[0].lo is None:
+                hi = entry.intervals[0].hi
+                if hi is None:
+                    self.always.append(entry)
+                elif entry.intervals[0].hi_inclusive:
+                    last.append((hi, order, entry))
+                else:
+                    fixed.append((hi, order, entry))
+            else:
+                self.general.append(entry)
+        fixed.sort(key=lambda item: (item[0], item[1]))
+        last.sort(key=lambda item: (item[0], item[1]))
+        self.fixed_bounds = [item[0] for item in fixed]
+        self.fixed_entries = [item[2] for item in fixed]
+        self.last_bounds = [item[0] for item in last]
+        self.last_entries = [item[2] for item in last]
+
+    def hits(self, key: VersionKey) -> Iterator[tuple[Entry, str | None]]:
+        """Every entry affecting the version ``key``, with the fix of its matching interval."""
+        # Affected when key < fix: the entries whose bound is above key.
+        for entry in self.fixed_entries[bisect_right(self.fixed_bounds, key):]:
+            yield entry, entry.intervals[0].fixed
+        # Affected when key <= last_affected.
+        for entry in self.last_entries[bisect_left(self.last_bounds, key):]:
+            yield entry, None
+        for entry in self.always:
+            yield entry, None
+        for entry in self.general:
+            hit, fixed = entry.matches(key)
+            if hit:
+                yield entry, fixed
+
+
 @dataclass
 class LoadStats:
     """What loading a bundle kept and skipped, for the journal and the console."""
@@ -348,6 +402,7 @@ class KnowledgeBase:
     stats: LoadStats = field(default_factory=LoadStats)
     _ecosystems_for_host: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     _by_ecosystem: dict[str, set[str]] = field(default_factory=dict, repr=False)
+    _buckets: dict[tuple[str, str], Bucket] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, path: Path) -> KnowledgeBase:
@@ -364,6 +419,7 @@ class KnowledgeBase:
                 kb.index.setdefault((entry.ecosystem, entry.package), []).append(entry)
                 kb._by_ecosystem.setdefault(entry.ecosystem, set())
                 kb.stats.entries += 1
+        kb._buckets = {key: Bucket(entries) for key, entries in kb.index.items()}
         return kb
 
     def ecosystems_for(self, host_ecosystem: str) -> tuple[str, ...]:
@@ -425,10 +481,10 @@ class KnowledgeBase:
         hits: list[tuple[Entry, str | None]] = []
         seen: set[str] = set()
         for ecosystem in ecosystems:
-            entries = self.index.get((ecosystem, name))
-            if not entries:
+            bucket = self._buckets.get((ecosystem, name))
+            if bucket is None:
                 continue
-            scheme = entries[0].scheme  # one ecosystem, one version order
+            scheme = self.index[(ecosystem, name)][0].scheme  # one ecosystem, one version order
             key = keys.get((scheme, version), _MISSING)
             if key is _MISSING:
                 try:
@@ -438,9 +494,8 @@ class KnowledgeBase:
                 keys[(scheme, version)] = key
             if key is None:
                 continue
-            for entry in entries:
-                hit, fixed = entry.matches(key)
-                if hit and entry.advisory.id not in seen:
+            for entry, fixed in bucket.hits(key):
+                if entry.advisory.id not in seen:
                     seen.add(entry.advisory.id)
                     hits.append((entry, fixed))
         return hits

@@ -43,10 +43,10 @@ import gzip
 import json
 import logging
 import zlib
-from functools import lru_cache
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import os
 import platform as platform_module
@@ -86,6 +87,22 @@ EMPTY_FACTS: dict[str, str | None] = dict.fromkeys(
 
 
 # --- capabilities (pure where possible) ---
+
+
+def local_instance_id(paths: tuple[str, ...] = ("/etc/machine-id", "/var/lib/dbus/machine-id")) -> str | None:
+    """A stable stand-in for the instance ID where there is no IMDS: ``local-`` + a hash of the machine ID.
+
+    The registration must be bound to something (PROTOCOL.md, Identity) and the
+    platform binds codes to it; hashing keeps the raw machine ID private.
+    """
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text:
+            return "local-" + hashlib.sha256(text.encode()).hexdigest()[:17]
+    return None
 
 
 def probe_raw_sockets() -> bool:
@@ -290,20 +307,26 @@ class Daemon:
 
     async def _main(self) -> None:
         await self.discover_instance()
-        connectivity_checked = False
+        reachable = False
+        connect_failures = 0
         while True:
             self.check_stop()
+            # User-data is read again on every round: the operator may fix PERSCODE or PROXY_URL.
             user_data = await self.await_user_data()
             client = await self._client_for(user_data.proxy)
-            if not connectivity_checked:
-                await self.await_reachable(client, user_data)
-                connectivity_checked = True
+            if not reachable:
+                if not await self.check_reachable(client, user_data):
+                    connect_failures += 1
+                    backoff = self.timings.backoff(self.timings.default_poll_interval_s)
+                    await self.sleep(backoff.delay_s(connect_failures, rng=self.rng))
+                    continue
+                reachable = True
             identity = self.prepare_identity()
             if not identity.registered:
                 wait_s = await self.register_once(client, identity, user_data)
                 if wait_s is not None:
                     await self.sleep(wait_s)
-                    continue  # re-read user-data: the operator may have fixed PERSCODE
+                    continue
                 identity = self.identity
                 assert identity is not None
             else:
@@ -319,7 +342,12 @@ class Daemon:
         if self._imds_factory is None:
             where = f"from {self.user_data_file}" if self.user_data_file else "nowhere (give --user-data FILE)"
             self.console.say(f"IMDS is disabled (imds.disabled): no instance facts; user-data comes {where}")
-            self.status.update(imds="disabled")
+            local_id = local_instance_id()
+            if local_id:
+                facts = dict(EMPTY_FACTS, instance_id=local_id)
+                self.instance = InstanceInfo(local_id, facts, None, None)
+                self.console.say(f"no EC2 instance ID without IMDS: this machine is identified as {local_id}")
+            self.status.update(imds="disabled", registration={"instance_id": local_id})
             return
         self._imds = self._imds_factory()
         backoff = Backoff(base_s=self.timings.backoff_base_s, cap_s=IMDS_RETRY_CAP_S)
@@ -431,30 +459,23 @@ class Daemon:
 
     # --- connectivity ---
 
-    async def await_reachable(self, client: PlatformClient, user_data: UserData) -> None:
-        """The console's verdict: ``reachable``, or ``unable to connect to HOST:PORT - please fix: ...``; retried."""
+    async def check_reachable(self, client: PlatformClient, user_data: UserData) -> bool:
+        """One connectivity check; the console's verdict ``reachable`` or ``unable to connect to HOST:PORT - please fix: ...``."""
         self.phase("connectivity")
-        backoff = self.timings.backoff(self.timings.default_poll_interval_s)
         via = f" through the proxy {user_data.proxy.display()}" if user_data.proxy else ""
-        attempt = 0
-        while True:
-            self.check_stop()
-            try:
-                await client.probe()
-            except PlatformUnreachable as exc:
-                attempt += 1
-                delay = backoff.delay_s(attempt, rng=self.rng)
-                self.status.update(platform={"reachable": False, "verdict": str(exc)}, detail=str(exc))
-                self.say_once("connectivity", f"platform: {exc} (the appliance keeps trying)")
-                await self.sleep(delay)
-                continue
-            except PlatformError as exc:  # an answer of any kind means the path works
-                log.info("connectivity check answered oddly: %s", exc)
-            verdict = f"reachable{via}"
-            self.status.update(platform={"reachable": True, "verdict": verdict}, detail=None)
-            self.forget_said("connectivity")
-            self.console.say(f"platform {client.host}:{client.port}: {verdict}")
-            return
+        try:
+            await client.probe()
+        except PlatformUnreachable as exc:
+            self.status.update(platform={"reachable": False, "verdict": str(exc)}, detail=str(exc))
+            self.say_once("connectivity", f"platform: {exc} (the appliance keeps trying)")
+            return False
+        except PlatformError as exc:  # an answer of any kind means the path works
+            log.info("connectivity check answered oddly: %s", exc)
+        verdict = f"reachable{via}"
+        self.status.update(platform={"reachable": True, "verdict": verdict}, detail=None)
+        self.forget_said("connectivity")
+        self.console.say(f"platform {client.host}:{client.port}: {verdict}")
+        return True
 
     # --- identity ---
 
@@ -532,7 +553,8 @@ class Daemon:
                 retry_after = exc.retry_after_s if isinstance(exc, PlatformUnavailable) else None
                 delay = self.timings.backoff(self.poll_interval_s).delay_s(attempt, retry_after_s=retry_after, rng=self.rng)
                 self.status.update(detail=str(exc))
-                self.say_once("register", f"registration failed: {exc}; trying again (next in {_human_s(delay)})")
+                log.warning("registration failed (%d in a row): %s; next attempt in %.1f s", attempt, exc, delay)
+                self.say_once("register", f"registration failed: {exc}; trying again with backoff")
                 await self.sleep(delay)
                 continue
             break

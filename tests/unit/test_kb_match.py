@@ -341,3 +341,17 @@ def test_load_refuses_what_is_not_gzip_json_lines(tmp_path: Path, content: bytes
     path.write_bytes(content)
     with pytest.raises(KbFormatError, match=words):
         KnowledgeBase.load(path)
+
+
+def test_rpm_package_meets_an_advisory_once_through_binary_and_source_names() -> None:
+    record = osv("RLSA-2024:1", "Rocky Linux:9", "openssl-libs", [{"introduced": "0"}, {"fixed": "1:3.0.7-27.el9"}])
+    record["affected"].append({"package": {"ecosystem": "Rocky Linux:9", "name": "openssl"},
+                               "ranges": [{"type": "ECOSYSTEM",
+                                           "events": [{"introduced": "0"}, {"fixed": "1:3.0.7-27.el9"}]}]})
+    kb = KnowledgeBase.from_records([record])
+    items = (Package(name="openssl-libs", version="1:3.0.7-24.el9", source_name="openssl",
+                     source_version="1:3.0.7-24.el9"),
+             Package(name="openssl", version="1:3.0.7-24.el9", source_name="openssl",
+                     source_version="1:3.0.7-24.el9"))
+    findings = kb.match(Packages(manager="rpm", ecosystem="Rocky Linux:9", items=items))
+    assert ids(findings) == [("RLSA-2024:1", "openssl"), ("RLSA-2024:1", "openssl-libs")]

@@ -281,6 +281,9 @@ async def scan_scoped(
             hp = found.get(ip)
             if hp is not None and hp.unreachable:
                 hr.errors.append("no route to the host (nothing answered ARP): no port could be probed")
+            elif hp is not None and not hp.answered and options.tcp_ports:
+                hr.errors.append(f"no answer on any of the {len(options.tcp_ports)} TCP ports probed: "
+                                 "every port filtered")
         results[s.target.host_key] = hr
     timings["total"] = time.monotonic() - started
     return PortScanRun(results=[results[s.target.host_key] for s in scoped], engine=engine, notes=notes,

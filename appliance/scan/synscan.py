@@ -103,6 +103,16 @@ SOL_PACKET = 263
 PACKET_STATISTICS = 6
 SIOCGIFADDR = 0x8915
 RECEIVER_START_TIMEOUT_S = 10.0
+PACKET_RX_RING = 5
+PACKET_VERSION = 10
+TPACKET_V2 = 1
+# The receive ring: 256-byte frames (32-byte tpacket2 header, address, then
+# the truncated packet), 4,096 per 1 MiB block, 32 blocks: 131,072 answers
+# can wait in 32 MiB while the receiver is descheduled.
+RING_FRAME_BYTES = 256
+RING_FRAMES_PER_BLOCK = 4096
+RING_BLOCKS = 32
+RING_FRAMES = RING_FRAMES_PER_BLOCK * RING_BLOCKS
 
 ProgressFn = Callable[[int, int], None]
 
@@ -420,6 +430,16 @@ class _SharedAnswers:
         os.close(self.fd)
 
 
+def _rx_ring(sock: socket.socket) -> mmap.mmap:
+    """Map a TPACKET_V2 receive ring on a packet socket: frames are read without a syscall each."""
+    sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+    block_bytes = RING_FRAMES_PER_BLOCK * RING_FRAME_BYTES
+    req = struct.pack("=IIII", block_bytes, RING_BLOCKS, RING_FRAME_BYTES, RING_FRAMES)
+    sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+    return mmap.mmap(sock.fileno(), block_bytes * RING_BLOCKS, mmap.MAP_SHARED,
+                     mmap.PROT_READ | mmap.PROT_WRITE)
+
+
 def _receiver_main() -> int:
     """Entry point of the receiver process: config as JSON on stdin, EOF on stdin stops it."""
     config = json.loads(sys.stdin.readline())
@@ -435,50 +455,72 @@ def _receiver_main() -> int:
     nbytes = (total + 7) // 8
     mem = mmap.mmap(config["memfd"], _HDR_LEN + 2 * nbytes)
     socks = [socket.socket(fileno=fd) for fd in config["sockets"]]
+    rings = [_rx_ring(sock) for sock in socks]
     poller = select.poll()
     for sock in socks:
         poller.register(sock.fileno(), select.POLLIN)
     poller.register(0, select.POLLIN | select.POLLHUP)
-    by_fd = {sock.fileno(): sock for sock in socks}
-    buf = bytearray(SNAPLEN_BYTES)
-    view = memoryview(buf)
     unpack = struct.unpack_from
+    pack_into = struct.pack_into
     open_base = _HDR_LEN + nbytes
     answers = rejected = 0
+    cursors = [0] * len(rings)
     _HDR.pack_into(mem, 0, 0, 0, 0, 1)
     running = True
     while running:
-        for fd, _event in poller.poll(50):
-            if fd == 0:
-                running = False  # the sender closed our stdin: the scan is over
-                continue
-            recv_into = by_fd[fd].recv_into
+        idle = True
+        for r, ring in enumerate(rings):
+            cur = cursors[r]
             while True:
-                try:
-                    n = recv_into(view, SNAPLEN_BYTES, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
+                off = cur * RING_FRAME_BYTES
+                if not ring[off] & 1:  # TP_STATUS_USER clear: the kernel has not filled this frame
                     break
-                ihl = (buf[0] & 0x0F) * 4
-                if n < ihl + 20:
-                    continue
-                entry = keys.get(unpack("!I", buf, 12)[0])
-                if entry is None:
-                    continue
-                port, _dport, _seq, ack, _off, flags = unpack("!HHIIBB", buf, ihl)
-                if (ack - 1) & 0xFFFFFFFF != entry[0] ^ table[port] or port_index[port] < 0:
-                    rejected += 1
-                    continue
-                index = port_index[port] * n_hosts + entry[1]
-                byte, bit = _HDR_LEN + (index >> 3), 1 << (index & 7)
-                if mem[byte] & bit:
-                    continue  # a retransmitted SYN-ACK or a duplicate: counted once
-                if flags & 0x12 == 0x12:  # SYN+ACK: open
-                    mem[open_base + (index >> 3)] |= bit
-                elif not flags & 0x04:  # neither SYN-ACK nor RST: not an answer to a SYN
-                    continue
-                mem[byte] |= bit
-                answers += 1
+                idle = False
+                snaplen, _mac, net = unpack("=IHH", ring, off + 8)
+                p = off + net
+                ihl = (ring[p] & 0x0F) * 4
+                entry = keys.get(unpack("!I", ring, p + 12)[0]) if snaplen >= ihl + 20 else None
+                if entry is not None:
+                    port, _dport, _seq, ack, _off, flags = unpack("!HHIIBB", ring, p + ihl)
+                    if (ack - 1) & 0xFFFFFFFF != entry[0] ^ table[port] or port_index[port] < 0:
+                        rejected += 1
+                    elif flags & 0x12 == 0x12 or flags & 0x04:  # SYN-ACK (open) or RST (closed)
+                        index = port_index[port] * n_hosts + entry[1]
+                        byte, bit = _HDR_LEN + (index >> 3), 1 << (index & 7)
+                        if not mem[byte] & bit:  # retransmitted SYN-ACKs and duplicates count once
+                            if flags & 0x12 == 0x12:
+                                mem[open_base + (index >> 3)] |= bit
+                            mem[byte] |= bit
+                            answers += 1
+                pack_into("=I", ring, off, 0)  # hand the frame back to the kernel
+                cur = (cur + 1) % RING_FRAMES
+            cursors[r] = cur
+        if idle:
             _HDR.pack_into(mem, 0, answers, rejected, 0, 1)
+            for fd, _event in poller.poll(20):
+                if fd == 0:
+                    running = False  # the sender closed our stdin: drain once more, then stop
+    # A last sweep for frames that arrived with the stop signal.
+    for r, ring in enumerate(rings):
+        cur = cursors[r]
+        while ring[cur * RING_FRAME_BYTES] & 1:
+            off = cur * RING_FRAME_BYTES
+            snaplen, _mac, net = unpack("=IHH", ring, off + 8)
+            p = off + net
+            ihl = (ring[p] & 0x0F) * 4
+            entry = keys.get(unpack("!I", ring, p + 12)[0]) if snaplen >= ihl + 20 else None
+            if entry is not None:
+                port, _dport, _seq, ack, _off, flags = unpack("!HHIIBB", ring, p + ihl)
+                if (ack - 1) & 0xFFFFFFFF == entry[0] ^ table[port] and port_index[port] >= 0 and flags & 0x16:
+                    index = port_index[port] * n_hosts + entry[1]
+                    byte, bit = _HDR_LEN + (index >> 3), 1 << (index & 7)
+                    if not mem[byte] & bit:
+                        if flags & 0x12 == 0x12:
+                            mem[open_base + (index >> 3)] |= bit
+                        mem[byte] |= bit
+                        answers += 1
+            pack_into("=I", ring, off, 0)
+            cur = (cur + 1) % RING_FRAMES
     _HDR.pack_into(mem, 0, answers, rejected, _kernel_drops(socks), 1)
     mem.flush()
     return 0

@@ -278,3 +278,30 @@ def test_publish_signatures_signs_the_raw_bundle(platform: Platform, tmp_path: P
         platform.publish_signatures([{"no_id": 1}])
     with pytest.raises(LabPlatformError):
         platform.publish_signatures(records, version="custom-1")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"targets": {"ips": ["10.0.0.0/8"]}},  # more than 65,536 addresses in one block
+        {"targets": {"hostnames": ["bad_host!"]}},
+        {"targets": {"ec2": {"regions": ["mars-1"]}}},
+        {"targets": {"ec2": {"regions": ["us-east-1"], "platform": "vpc_selected"}}},
+        {"targets": {"ec2": {"regions": ["us-east-1"], "role_arn": "arn:nope"}}},
+        {"targets": {"ips": ["10.0.0.1"]}, "options": {"max_parallel_hosts": 100000}},
+    ],
+)
+def test_normalize_job_refuses_what_the_appliance_parser_refuses(spec: dict) -> None:
+    with pytest.raises(LabPlatformError, match="job refused"):
+        normalize_job(spec)
+
+
+def test_normalized_jobs_parse_with_the_appliance_messages() -> None:
+    from appliance.platform.messages import JobSpec
+
+    job = normalize_job({"targets": {"ips": ["10.77.0.0/28"], "hostnames": ["web.lab"],
+                                     "ec2": {"regions": ["us-east-1"], "vpc_ids": ["vpc-0abc1234"],
+                                             "platform": "vpc_selected"}},
+                         "exclude": ["10.77.0.13"], "options": {"tcp_ports": "22,80,8000-8100"}})
+    parsed = JobSpec.parse(job | {"auth_records": []})
+    assert parsed.job_id == job["job_id"]

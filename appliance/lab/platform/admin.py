@@ -35,6 +35,8 @@ from appliance.lab.platform.errors import LabPlatformError
 from appliance.lab.platform.schemas import PATH_ID_RE, schema_errors
 from appliance.lab.platform.secrets import Vault, encrypt_auth_record
 from appliance.lab.platform.store import DEFAULT_POLL_INTERVAL_S, CallerCert, Store
+from appliance.platform.messages import JobSpec as ApplianceJobSpec
+from appliance.platform.messages import MessageError
 
 PERSCODE_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
 PERSCODE_DIGITS = 14
@@ -523,6 +525,11 @@ def normalize_job(spec: dict[str, Any]) -> dict[str, Any]:
                 raise LabPlatformError(f"job refused: {where}: {item!r} is not an address, CIDR or range")
     for name in ("tcp_ports", "udp_ports"):
         _check_port_list(name, out["options"][name])
+    # Last, the appliance's own parser: what it would fail fast is refused here.
+    try:
+        ApplianceJobSpec.parse(out | {"auth_records": []})
+    except MessageError as exc:
+        raise LabPlatformError(f"job refused: {exc}") from exc
     return out
 
 

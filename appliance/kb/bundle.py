@@ -337,8 +337,9 @@ def _verify_signature(path: Path, size: int, signature: bytes, public_key: bytes
             key.verify(signature, b"")
             return
         # Ed25519 signs the whole message: map the file rather than read it into memory.
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            key.verify(signature, data)
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data, \
+                memoryview(data) as view:  # released before the map closes
+            key.verify(signature, view)
     except InvalidSignature as exc:
         raise BundleSignatureInvalid(
             f"signatures {version}: the Ed25519 signature does not verify with the configured "

@@ -322,7 +322,7 @@ class LoadStats:
 
 
 def _severity_inputs(obj: dict[str, Any]) -> dict[str, Any] | None:
-    inputs = {k: obj[k] for k in ("database_specific", "severity") if k in obj}
+    inputs: dict[str, Any] = {k: obj[k] for k in ("database_specific", "severity") if k in obj}
     return inputs or None
 
 

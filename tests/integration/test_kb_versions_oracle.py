@@ -50,12 +50,16 @@ def _fixture_lines(name: str) -> list[str]:
         return [line.strip() for line in handle if line.strip() and not line.startswith("#")]
 
 
-def _machine_debian_versions() -> set[str]:
-    """Versions from this machine's dpkg database and whatever apt lists exist."""
-    found: set[str] = set()
+def _installed_debian_versions() -> set[str]:
+    """Versions (binary and source) from this machine's own dpkg database."""
     out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}\n${source:Version}\n"],
                          capture_output=True, text=True, timeout=ORACLE_TIMEOUT_S, check=True)
-    found.update(v for v in out.stdout.split() if v)
+    return {v for v in out.stdout.split() if v}
+
+
+def _apt_list_versions() -> set[str]:
+    """Versions from whatever apt package lists this machine holds."""
+    found: set[str] = set()
     helper = "/usr/lib/apt/apt-helper"
     for lst in Path("/var/lib/apt/lists").glob("*Packages*"):
         if not os.path.exists(helper):
@@ -118,11 +122,26 @@ def _report(mismatches: list[str], total: int) -> None:
     assert not mismatches, f"{len(mismatches)} of {total} pairs differ, e.g.\n" + "\n".join(mismatches[:20])
 
 
+def _variants(versions: list[str], rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """Real versions against what packaging does to them: binNMU, backports, security
+    uploads, pre-releases and epochs (the corners of dpkg's order)."""
+    pairs = []
+    for v in rng.sample(versions, count):
+        bare = v.split(":", 1)[-1]
+        pairs += [(v, v + "+b1"), (v, v + "~bpo12+1"), (v, v + "~deb12u1"), (v, bare + "~rc1"),
+                  (v, "1:" + bare if ":" not in v else bare)]
+    return pairs
+
+
 def test_dpkg_order_matches_dpkg_compare_versions() -> None:
     require_tool("dpkg")
-    versions = set(_fixture_lines("debian-versions.txt.gz")) | _machine_debian_versions()
-    require(len(versions) > 10000, "too few Debian versions found")
-    pairs = _draw_pairs(sorted(versions), DPKG_PAIRS, random.Random(SEED))
+    rng = random.Random(SEED)
+    installed = sorted(_installed_debian_versions())
+    listed = set(_fixture_lines("debian-versions.txt.gz")) | _apt_list_versions()
+    require(len(installed) > 100 and len(listed) > 10000, "too few Debian versions found")
+    pairs = _draw_pairs(installed, DPKG_PAIRS // 4, rng)           # this machine's packages
+    pairs += _draw_pairs(sorted(listed), DPKG_PAIRS // 2, rng)     # the Debian package lists
+    pairs += _variants(sorted(listed), rng, DPKG_PAIRS // 20)      # and what packaging does to them
     answers = _dpkg_oracle(pairs)
     mismatches = [f"{a} vs {b}: dpkg {want}, ours {_cmp(dpkg_key(a), dpkg_key(b))}"
                   for (a, b), want in zip(pairs, answers, strict=True) if _cmp(dpkg_key(a), dpkg_key(b)) != want]

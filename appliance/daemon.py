@@ -350,7 +350,8 @@ class Daemon:
             self.status.update(imds="disabled", registration={"instance_id": local_id})
             return
         self._imds = self._imds_factory()
-        backoff = Backoff(base_s=self.timings.backoff_base_s, cap_s=IMDS_RETRY_CAP_S)
+        backoff = Backoff(base_s=self.timings.backoff_base_s,
+                          cap_s=min(IMDS_RETRY_CAP_S, self.timings.default_poll_interval_s))
         attempt = 0
         while True:
             self.check_stop()
@@ -363,9 +364,9 @@ class Daemon:
             except ImdsError as exc:
                 attempt += 1
                 self.status.update(imds="unavailable", detail=str(exc))
-                self.say_once("imds", f"instance metadata service: {exc}")
+                self.say_once("imds", f"{exc} (the appliance keeps trying)")
                 await self.sleep(backoff.delay_s(attempt, rng=self.rng))
-        reason = getattr(self._imds, "version_reason", None)
+        reason = (getattr(self._imds, "version_reason", None) or "").removeprefix("IMDSv1: ") or None
         if version == "v2":
             self.console.say("IMDSv2 in use (session tokens)")
         else:
@@ -598,7 +599,7 @@ class Daemon:
         work = self.sink.snapshot()
         return PollRequest(
             appliance_id=identity.registration.appliance_id,
-            instance_id=self.instance.instance_id,
+            instance_id=self.instance.instance_id or identity.instance_id,
             software_version=__version__,
             signatures_version=work.signatures_version,
             lan_ip=self.instance.facts.get("private_ip"),

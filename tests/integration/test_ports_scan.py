@@ -211,3 +211,30 @@ def test_forbidden_and_excluded_targets_are_never_probed(portlab, tmp_path, engi
             assert not [p for p in packets if p.src == ip and p.dst == ip]
         else:
             assert ip not in destinations, f"a packet was sent to {ip}"
+
+
+SYNPROXY_RULES = """
+table ip vsasynproxy {
+  chain pre { type filter hook prerouting priority raw; policy accept; tcp flags syn notrack; }
+  chain in { type filter hook input priority filter; policy accept;
+    ct state invalid,untracked tcp dport 1-65535 synproxy mss 1460 wscale 7 timestamp sack-perm
+    ct state invalid drop
+  }
+}
+"""
+
+
+def test_synproxy_artefacts_are_reverified(netns_lab):
+    """A host behind an nftables SYN proxy answers SYN-ACK on every port; only real ones are reported."""
+    require_tool("nft")
+    portlab = build_port_lab(netns_lab, answering=1, dropping=False, empty=False)
+    host = portlab.hosts[portlab.answering_ips[0]]
+    done = subprocess.run(host.exec_argv(["nft", "-f", "-"]), input=SYNPROXY_RULES, text=True,
+                          capture_output=True, timeout=30)
+    require(done.returncode == 0, f"nftables synproxy unavailable here: {done.stderr.strip()}")
+    netns_lab.host_run(host, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0", check=False)
+    rc, results, err = run_scan(netns_lab, [host.ip, "--ports", "1-2000", "--service-detection", "none"])
+    assert rc == 0, err
+    (result,) = results
+    assert open_tcp(result) == set(portlab.open_ports[host.ip]) & set(range(1, 2001))
+    assert any("implausibly many" in e and "re-verified" in e for e in result["errors"]), result["errors"]

@@ -51,7 +51,7 @@ SIGNATURES_CHUNK_BYTES = 256 * KIB
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
-CALLER_KEY = web.RequestKey("caller", CallerCert | None)
+CALLER_KEY = web.RequestKey("caller", CallerCert)
 PLATFORM_KEY = web.AppKey("platform", Platform)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -159,7 +159,8 @@ class PlatformApp:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         fingerprint = _peer_fingerprint(request)
         caller = self.store.caller(fingerprint) if fingerprint else None
-        request[CALLER_KEY] = caller
+        if caller is not None:
+            request[CALLER_KEY] = caller
         appliance_id = caller.appliance_id if caller else None
         user_agent = request.headers.get("User-Agent")
         fault_name: str | None = None

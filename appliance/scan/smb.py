@@ -71,6 +71,7 @@ LOG = logging.getLogger("vsa.scan.smb")
 SMB_PORT = 445
 DEFAULT_TIMEOUT_S = 120.0  # a whole check; the registry walk of a real host takes seconds
 IO_TIMEOUT_S = 10.0  # one connect or one read
+SMB1_PROBE_TIMEOUT_S = 3.0  # an SMB2 server that ignores SMB1 answers nothing at all
 ABORT_WAIT_S = 5.0  # after the sockets are shut down, how long the worker may take to return
 PIPE_RETRY_DELAY_S = 1.0  # a trigger-started RemoteRegistry service needs a moment
 MAX_CBS_PACKAGES = 20_000  # real hosts hold a few thousand; stop well before pathological keys
@@ -449,9 +450,9 @@ class _CheckRun:
 
     # -- 1. negotiate probes --
 
-    def exchange(self, payload: bytes) -> bytes:
+    def exchange(self, payload: bytes, *, timeout_s: float | None = None) -> bytes:
         """Send one framed message on a fresh connection and read one framed answer."""
-        timeout = self.io_timeout()
+        timeout = min(self.io_timeout(), timeout_s or IO_TIMEOUT_S)
         with socket.create_connection((self.ip, self.port), timeout=timeout) as sock:
             self.aborter.track(sock)
             sock.sendall(payload)
@@ -484,11 +485,19 @@ class _CheckRun:
                     continue
                 if answer.accepted:
                     self.smb2[name] = answer
+        # A server that already answered SMB2 and ignores SMB1 must not stall the check.
+        smb1_timeout = SMB1_PROBE_TIMEOUT_S if self.smb2 else None
         try:
-            answer1 = neg.parse_smb1_negotiate_response(self.exchange(neg.build_smb1_negotiate()))
+            answer1 = neg.parse_smb1_negotiate_response(
+                self.exchange(neg.build_smb1_negotiate(), timeout_s=smb1_timeout))
             self.smb1 = answer1 if isinstance(answer1, neg.Smb1Negotiation) else neg.Smb1Negotiation(status=answer1.status)
         except (ConnectionResetError, EOFError, neg.NegotiateParseError):
             self.smb1 = neg.Smb1Negotiation(status=-1)  # dropped: Windows' way of saying no SMB1
+        except TimeoutError:
+            if not self.smb2:
+                self.reach_error = network_cause(TimeoutError(), self.ip, self.port)
+                return
+            self.smb1 = neg.Smb1Negotiation(status=-1)  # no answer to SMB1 from an SMB2 server: no SMB1
         except OSError as exc:
             self.errors.append(f"SMB1 NEGOTIATE probe failed: {network_cause(exc, self.ip, self.port)}")
         if not self.smb2 and not (self.smb1 and self.smb1.accepted):
@@ -738,12 +747,10 @@ class _CheckRun:
             states: dict[str, int | None] = dict.fromkeys(names)
             for package in wanted:
                 sub = self.open_key(dce, key, package, f"package {package}")
-                if sub is None:
-                    continue
-                try:
+                if sub is not None:
+                    # Not closed one by one: each close is a round trip, and the
+                    # server frees every handle of the pipe when it is closed.
                     states[package] = wv.reg_int(self.query(dce, sub, "CurrentState"))
-                finally:
-                    _close_key(dce, sub)
             self.package_states = states
         finally:
             _close_key(dce, key)

@@ -227,6 +227,24 @@ async def test_smb1_enabled_and_smb3_missing(start_samba, smb_account, pool) -> 
     assert result.auth.status == "success"  # impacket picks SMB 2.1 for the login
 
 
+async def test_an_smb1_only_server(start_samba, smb_account, pool) -> None:  # type: ignore[no-untyped-def]
+    """impacket falls back to SMB1 for the login; NTLMv1 there goes through impacket's own switch."""
+    server = start_samba(SambaSettings(server_min_protocol="NT1", server_max_protocol="NT1", ntlm_auth="yes",
+                                       log_level=AUDIT))
+    v2 = await check(server, record(smb_account), pool)
+    assert v2.dialects == ("1.0",) and v2.smb1_enabled is True
+    assert v2.auth.status == "success" and v2.protocol == "ntlmv2", v2
+    assert {"VSA-SMB-0001", "VSA-SMB-0004"} <= ids(v2)
+    assert v2.shares is not None and v2.os is not None and v2.os.name == "Samba"
+    v1 = await check(server, record(smb_account, protocols=("ntlmv1",)), pool)
+    assert v1.auth.status == "success" and v1.protocol == "ntlmv1" and "VSA-SMB-0003" in ids(v1)
+    wrong = await check(server, record(smb_account, password="Not-the-password-1"), pool)
+    assert wrong.auth.status == "failed"
+    types = [(e["serviceDescription"], e["passwordType"]) for e in server.auth_events()
+             if e["clientAccount"] == smb_account[0]]
+    assert types == [("SMB", "NTLMv2"), ("SMB", "NTLMv1"), ("SMB", "NTLMv2")]
+
+
 # ---- domains --------------------------------------------------------------------------
 
 

@@ -82,6 +82,8 @@ async def test_register_issues_a_client_certificate(server: PlatformServer, plat
     listed = platform.list_appliances()
     assert [x["appliance_id"] for x in listed] == [body["appliance_id"]]
     assert listed[0]["instance_id"] == I1
+    logged = platform.requests(path="/vsa/v1/register")
+    assert [(r["status"], r["appliance_id"]) for r in logged] == [(201, body["appliance_id"])]
 
 
 async def test_register_announces_mqtt_when_configured(server: PlatformServer, platform: Platform) -> None:

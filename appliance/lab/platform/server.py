@@ -52,6 +52,7 @@ STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
 CALLER_KEY = web.RequestKey("caller", CallerCert)
+REGISTERED_KEY = web.RequestKey("registered", str)
 PLATFORM_KEY = web.AppKey("platform", Platform)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -191,6 +192,8 @@ class PlatformApp:
             status = response.status
             return response
         finally:
+            # A registration is logged under the appliance it created or renewed.
+            appliance_id = appliance_id or request.get(REGISTERED_KEY)
             self.store.log_request(request.method, request.path, status, appliance_id,
                                    fault_name, user_agent)
 
@@ -245,6 +248,7 @@ class PlatformApp:
             software_version=body["software_version"],
         )
         certificate = issued[-1].pem
+        request[REGISTERED_KEY] = appliance_id
         log.info("%s %s from %s", "re-registered" if again else "registered", appliance_id, instance_id)
         return web.json_response(
             {

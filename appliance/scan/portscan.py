@@ -278,10 +278,10 @@ async def scan_scoped(
         if liveness[ip].alive:
             hr.ports = ports_of.get(ip, [])
             hr.errors = [*notes, *host_errors[ip]]
-            hp = found.get(ip)
-            if hp is not None and hp.unreachable:
+            scanned_ports = found.get(ip)
+            if scanned_ports is not None and scanned_ports.unreachable:
                 hr.errors.append("no route to the host (nothing answered ARP): no port could be probed")
-            elif hp is not None and not hp.answered and options.tcp_ports:
+            elif scanned_ports is not None and not scanned_ports.answered and options.tcp_ports:
                 hr.errors.append(f"no answer on any of the {len(options.tcp_ports)} TCP ports probed: "
                                  "every port filtered")
         results[s.target.host_key] = hr

@@ -714,7 +714,7 @@ def syn_scan_blocking(
 
 def _set_bits(bits: bytes, total: int) -> list[int]:
     """Indices of the set bits (LSB first in each byte) below ``total``."""
-    out = []
+    out: list[int] = []
     for byte_index, byte in enumerate(bits):
         if byte:
             base = byte_index << 3
@@ -724,7 +724,7 @@ def _set_bits(bits: bytes, total: int) -> list[int]:
 
 def _unset_bits(bits: bytes, total: int) -> list[int]:
     """Indices of the clear bits below ``total``."""
-    out = []
+    out: list[int] = []
     for byte_index, byte in enumerate(bits):
         if byte != 0xFF:
             base = byte_index << 3

@@ -74,7 +74,7 @@ class AddressRange:
     def __contains__(self, address: object) -> bool:
         if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
             return False
-        return address.version == self.first.version and self.first <= address <= self.last
+        return address.version == self.first.version and int(self.first) <= int(address) <= int(self.last)
 
     def addresses(self) -> Iterator[IPAddress]:
         """Every address of the range, in order."""
@@ -127,7 +127,7 @@ def parse_entry(entry: str, *, field: str = "targets.ips", limit: int | None = M
             raise TargetError(entry, f"has {last_text!r} as its last address, which is not an IP address{hint}", field=field) from None
         if first.version != last.version:
             raise TargetError(entry, "mixes IPv4 and IPv6 addresses", field=field)
-        if last < first:
+        if int(last) < int(first):
             raise TargetError(entry, "ends before it starts", field=field)
         rng = AddressRange(entry=text, first=first, last=last)
     elif "/" in text:

@@ -42,6 +42,7 @@ SMB_PORT = 445
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 30.0
+USERDB_LOCK_WAIT_S = 10.0  # other test sessions may be adding users at the same moment
 CLONE_NEWNET = 0x40000000
 SAMBA_TOOLS = ("smbd", "smbpasswd", "net")
 
@@ -76,11 +77,24 @@ def linux_user(name: str) -> Iterator[str]:
     """Create a Linux user without home or shell for a Samba account; delete it after."""
     if _run_ok(["getent", "passwd", name]):
         raise LabError(f"Linux user {name} already exists; refusing to reuse or delete it")
-    _run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name])
+    _run_locked(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name])
     try:
         yield name
     finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=COMMAND_TIMEOUT_S)
+        _run_locked(["userdel", name], check=False)
+
+
+def _run_locked(argv: Sequence[str], *, check: bool = True) -> None:
+    """useradd/userdel, retried while another process holds /etc/passwd's lock."""
+    deadline = time.monotonic() + USERDB_LOCK_WAIT_S
+    while True:
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        locked = "lock" in result.stderr.lower()
+        if result.returncode == 0 or not locked or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if check and result.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
 
 
 def _run_ok(argv: Sequence[str]) -> bool:

@@ -187,12 +187,17 @@ class WindowsCheck:
         return [f"smb: {e}" for e in self.errors] + [f"smb: {n}" for n in self.notes]
 
     def apply_to(self, result: HostResult) -> None:
-        """Add this check's auth entry, findings, errors/notes and (if none yet) OS to ``result``."""
+        """Add this check's auth entry, findings, errors/notes and (if none yet) OS to ``result``.
+
+        Several windows records may apply to one host: each adds its auth entry,
+        but a network finding or a line already in ``result`` is not added twice.
+        """
         result.auth.append(self.auth)
         if result.os is None and self.os is not None:
             result.os = self.os
-        result.findings.extend(self.findings)
-        result.errors.extend(self.host_errors())
+        known = {(f.id, f.source) for f in result.findings}
+        result.findings.extend(f for f in self.findings if (f.id, f.source) not in known)
+        result.errors.extend(line for line in self.host_errors() if line not in result.errors)
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,22 @@ def test_apply_to_host_result() -> None:
     assert wire["errors"] == ["smb: srvsvc: STATUS_ACCESS_DENIED", "smb: remote registry: UBR not served"]
 
 
+def test_two_records_on_one_host_do_not_duplicate_findings() -> None:
+    from appliance.scan.winfindings import SmbFacts, smb_findings
+
+    findings = tuple(smb_findings(SmbFacts(dialects=("3.1.1",), signing_required={"3.1.1": False})))
+    first = smb.WindowsCheck(ip="h", auth=decide(V2_ONLY, LoginAttempt("ntlmv2", "success")), findings=findings,
+                             notes=("remote registry: not offered",))
+    second = smb.WindowsCheck(ip="h", auth=decide(V1_ONLY, LoginAttempt("ntlmv1", "error", None, "x")),
+                              findings=findings, notes=("remote registry: not offered",))
+    result = HostResult(target=Target(ip="h"), status="scanned")
+    first.apply_to(result)
+    second.apply_to(result)
+    assert [a.record_id for a in result.auth] == ["r1", "r2"]
+    assert [f.id for f in result.findings] == ["VSA-SMB-0002"]
+    assert result.errors == ["smb: remote registry: not offered"]
+
+
 def test_record_secrets_stay_out_of_reprs() -> None:
     record = WindowsRecord(id="r", title="t", username="u", password="pw-Secret-1", nt_hash="0" * 32)
     assert "pw-Secret-1" not in repr(record) and "0" * 32 not in repr(record)

@@ -327,8 +327,6 @@ class Daemon:
                 if wait_s is not None:
                     await self.sleep(wait_s)
                     continue
-                identity = self.identity
-                assert identity is not None
             else:
                 client.use_certificate(identity.cert_path, identity.key_path)
             await self.poll_loop(client)
@@ -675,20 +673,30 @@ class Daemon:
                 self.console.say(f"the platform answers again (after {failures} failed poll{'s' if failures > 1 else ''})")
             failures = 0
             wait = poll_wait_s(self.poll_interval_s, self.rng)
-            work = self.sink.snapshot()
             self.status.update(
                 poll={
                     "interval_s": self.poll_interval_s, "asked_s": response.poll_interval_s, "count": count,
                     "last_at": attempt_at, "last_result": "ok", "last_ok_at": attempt_at,
                     "next_at": later_iso(wait), "consecutive_failures": 0,
                 },
-                jobs=[job.to_json() for job in work.running_jobs],
-                spool_pending=work.spool_pending,
-                signatures_version=work.signatures_version,
                 detail=None,
             )
+            self.publish_work()
             self.notifier.status(f"polling every {_human_s(self.poll_interval_s)}; last poll ok")
             await self._wait_next_poll(wait)
+
+    def publish_work(self) -> None:
+        """Write the sink's snapshot (running jobs, spool backlog, signatures) to the status file.
+
+        Called after every poll; the job engine may call it too when progress
+        changes between polls, so that ``vsa status`` stays current.
+        """
+        work = self.sink.snapshot()
+        self.status.update(
+            jobs=[job.to_json() for job in work.running_jobs],
+            spool_pending=work.spool_pending,
+            signatures_version=work.signatures_version,
+        )
 
     async def _wait_next_poll(self, seconds: float) -> None:
         stop = asyncio.create_task(self.stop_event.wait())

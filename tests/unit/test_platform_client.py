@@ -177,3 +177,33 @@ async def test_a_refused_port_is_said_in_words(tmp_path: Path) -> None:
     async with PlatformClient(f"https://127.0.0.1:{port}") as client:
         with pytest.raises(PlatformUnreachable, match="the connection was refused; check that the platform listens"):
             await client.register(register_request())
+
+
+async def test_a_silent_server_is_a_timeout_in_words() -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts the TCP connection, never speaks TLS
+    port = listener.getsockname()[1]
+    try:
+        async with PlatformClient(f"https://127.0.0.1:{port}", request_timeout_s=1.0) as client:
+            with pytest.raises(PlatformUnreachable, match="no answer in time; check the security groups"):
+                await client.probe()
+    finally:
+        listener.close()
+
+
+def test_dns_failure_is_said_in_words() -> None:
+    import socket
+
+    import aiohttp
+    from aiohttp.client_reqrep import ConnectionKey
+
+    from appliance.platform.client import describe_connection_failure
+
+    key = ConnectionKey("platform.example", 443, True, True, None, None, None)
+    exc = aiohttp.ClientConnectorDNSError(key, socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    cause, remedy = describe_connection_failure(exc, host="platform.example", port=443, proxy=None, ca_file=None)
+    assert cause == "the name platform.example cannot be resolved"
+    assert "DNS" in remedy

@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a JSON auth record (object) or a list of them, in clear (repeat)")
     s.add_argument("--appliance", action="append", help="offer only to this appliance (repeat)")
     s.add_argument("--no-validate", action="store_true", help="queue the spec as it is")
+    s.add_argument("--wake", action="store_true", help="then wake the target appliances over MQTT")
+    s = sub.add_parser("wake", help="publish a wake-up on an appliance's MQTT wake topic")
+    s.add_argument("appliance_id")
     s = sub.add_parser("cancel-job", help="cancel a job")
     s.add_argument("job_id")
     sub.add_parser("list-jobs", help="list jobs")
@@ -213,8 +216,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             password = os.environ.get(args.password_env) if args.password_env else None
             platform.set_ec2_api_proxy(args.url, args.username, password)
         elif cmd == "submit-job":
-            print(platform.submit_job(_job_spec(args), appliances=args.appliance,
-                                      validate=not args.no_validate))
+            job_id = platform.submit_job(_job_spec(args), appliances=args.appliance,
+                                         validate=not args.no_validate)
+            print(job_id)
+            if args.wake:
+                targets = args.appliance or [a["appliance_id"] for a in platform.list_appliances()
+                                             if not a["forgotten"]]
+                for appliance_id in targets:
+                    platform.wake(appliance_id)
+        elif cmd == "wake":
+            platform.wake(args.appliance_id)
         elif cmd == "cancel-job":
             platform.cancel_job(args.job_id)
         elif cmd == "list-jobs":

@@ -174,6 +174,12 @@ class Platform:
         return {"url": url, "wake_topic": f"vsa/{appliance_id}/wake",
                 "events_topic": f"vsa/{appliance_id}/events"}
 
+    def wake(self, appliance_id: str, *, timeout_s: float = 10.0) -> None:
+        """Publish a wake-up on the appliance's MQTT wake topic (the broker must be configured)."""
+        from appliance.lab.platform.mqtt import wake
+
+        wake(self, appliance_id, timeout_s=timeout_s)
+
     def set_ec2_api_proxy(
         self, url: str | None, username: str | None = None, password: str | None = None
     ) -> None:

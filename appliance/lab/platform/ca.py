@@ -168,6 +168,42 @@ class CertificateAuthority:
         """Replace the server certificate (new names) under the existing CA."""
         self._issue_server(self._ca_key(), self.ca_certificate(), list(server_names))
 
+    def issue_keypair(
+        self, common_name: str, *, server_names: Iterable[str] = (), client: bool = False
+    ) -> tuple[str, bytes]:
+        """A fresh P-256 key and a certificate for it under this CA: ``(cert_pem, key_pem)``.
+
+        With ``server_names`` it is a server certificate for those names (e.g. the
+        lab's MQTT broker); with ``client`` a client certificate (e.g. the
+        platform's own MQTT connection).
+        """
+        names = list(server_names)
+        ca_key = self._ca_key()
+        now = _now()
+        key = ec.generate_private_key(ec.SECP256R1())
+        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if names else []) + (
+            [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+        if not usages:
+            raise LabPlatformError("a certificate needs server names, client use, or both")
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.ca_certificate().subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(seconds=BACKDATE_S))
+            .not_valid_after(now + dt.timedelta(days=SERVER_CERT_VALIDITY_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+        )
+        if names:
+            builder = builder.add_extension(_san(names), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM).decode("ascii"), _key_pem(key)
+
     def ca_pem(self) -> str:
         """The CA certificate, PEM."""
         return self.ca_file.read_text()

@@ -22,7 +22,8 @@ Semantics (https://ossf.github.io/osv-schema/):
   defines the release suffix as optional, scoping a record *down* to one release,
   so a record without it is not scoped). Red Hat's CPE-like ecosystems
   (``Red Hat:enterprise_linux:9::appstream``) apply to a host ``Red Hat:9`` (or
-  ``Red Hat:9.4``). Records of any other ecosystem never match, nor do records of an
+  ``Red Hat:9.4``); the extended-support streams (``Red Hat:rhel_eus:9.4::baseos``)
+  only to a host that names that very stream. Records of any other ecosystem never match, nor do records of an
   ecosystem whose version order is unknown here.
 - Debian, Ubuntu and Alpine records are keyed by source package (Alpine by the
   origin package of its security database): a binary package is matched through its
@@ -169,7 +170,9 @@ def ecosystem_applies(record_ecosystem: str, host_ecosystem: str) -> bool:
         return False
     if not rec_rest:
         return True  # a bare distribution record is not scoped to a release
-    if rec_head == "Red Hat":
+    if rec_head == "Red Hat" and rec_rest.startswith("enterprise_linux:"):
+        # The main RHEL streams (baseos, appstream, ...) of a major release; the
+        # extended-support streams (rhel_eus, rhel_aus, ...) only match exactly.
         release = _red_hat_release(rec_rest)
         return release is not None and release == _red_hat_release(host_rest)
     return False

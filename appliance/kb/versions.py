@@ -314,11 +314,15 @@ _ECOSYSTEM_SCHEMES = {
     "Red Hat": SCHEME_RPM,
     "Rocky Linux": SCHEME_RPM,
     "AlmaLinux": SCHEME_RPM,
-    "Amazon Linux": SCHEME_RPM,  # not an OSV-listed name yet; RPM-based all the same
+    "Amazon Linux": SCHEME_RPM,  # not an OSV ecosystem (yet): for bundles that carry ALAS
+    "Azure Linux": SCHEME_RPM,
     "openSUSE": SCHEME_RPM,
     "SUSE": SCHEME_RPM,
     "Mageia": SCHEME_RPM,
     "openEuler": SCHEME_RPM,
+    "Wolfi": SCHEME_APK,  # apk-based distributions
+    "Chainguard": SCHEME_APK,
+    "Alpaquita": SCHEME_APK,
 }
 
 

@@ -266,6 +266,8 @@ def test_red_hat_cpe_ecosystems_apply_to_the_major_release() -> None:
     assert ecosystem_applies("Red Hat:enterprise_linux:9::appstream", "Red Hat:9")
     assert ecosystem_applies("Red Hat:enterprise_linux:9::baseos", "Red Hat:9.4")
     assert not ecosystem_applies("Red Hat:enterprise_linux:8::baseos", "Red Hat:9")
+    assert not ecosystem_applies("Red Hat:rhel_eus:9.4::baseos", "Red Hat:9")
+    assert ecosystem_applies("Red Hat:rhel_eus:9.4::baseos", "Red Hat:rhel_eus:9.4::baseos")
     assert ecosystem_applies("Rocky Linux", "Rocky Linux:9")
     assert not ecosystem_applies("Rocky Linux:8", "Rocky Linux:9")
     assert not ecosystem_applies("Debian:12", "Debian")  # a host with no release: only bare records

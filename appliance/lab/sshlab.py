@@ -5,13 +5,15 @@ absolute paths (LAB-NOTES.md: a relative ``-f`` fails silently), its own host
 keys and a user CA, all generated at set-up under a temporary directory and
 never committed. Keys for the test users are generated the same way.
 
-Users, their passwords and sudoers never touch the machine: for each target
-namespace the lab writes ``/etc/netns/NS/{passwd,shadow,group,sudoers}``,
-which ``ip netns exec`` bind-mounts over ``/etc`` for that namespace's
-processes only (sshd and everything it starts: sudo, su, PAM). The files are
-the machine's own plus the lab's users (and, for ``su``, a root password that
-exists only inside the namespace); :class:`~appliance.lab.netns.NetnsLab`
-removes them with the namespace.
+Users, their passwords and sudoers never touch the machine: the lab makes a
+copy of ``/etc`` (:class:`LabEtc`) with its users added to passwd, shadow and
+group, its own sudoers and, for ``su``, a root password that exists only in
+the copy; each sshd runs with that copy bind-mounted over ``/etc`` in its own
+mount namespace (so do sudo, su and PAM under it). A whole directory is
+mounted, not single files: a file bind-mounted from ``/etc/netns/NS/`` is
+detached by the kernel as soon as anything on the machine replaces
+``/etc/passwd`` by rename (``useradd`` in another test does), and the lab's
+users would vanish mid-run.
 
 Lab code: never imported by the daemon.
 """
@@ -249,6 +251,42 @@ class LabUsers:
                 "sudoers": ("\n".join(rules) + "\n", 0o440)}
 
 
+@dataclass
+class LabEtc:
+    """A private copy of ``/etc`` holding the lab's users, mounted over ``/etc`` for lab processes."""
+
+    path: Path
+    home_base: Path
+
+    @classmethod
+    def create(cls, workdir: Path, users: LabUsers) -> LabEtc:
+        """Copy the machine's /etc under ``workdir`` and write the lab's users into the copy."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        etc = workdir / "etc"
+        home_base = workdir / "home"
+        home_base.mkdir(exist_ok=True)
+        os.chmod(home_base, 0o755)
+        result = subprocess.run(["cp", "-a", "/etc", str(etc)], capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode != 0:
+            raise LabError(f"cannot copy /etc: {result.stderr.strip()}")
+        for relpath, (text, mode) in users.files(home_base).items():
+            path = etc / relpath
+            tmp = path.with_name(path.name + ".vsa-tmp")
+            tmp.write_text(text)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        for i, user in enumerate(users.users):
+            home = home_base / user.name
+            home.mkdir(exist_ok=True)
+            os.chown(home, FIRST_LAB_UID + i, FIRST_LAB_UID + i)
+        return cls(etc, home_base)
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` run with this copy mounted over /etc (inside ``ip netns exec``'s mount namespace)."""
+        return ["sh", "-c", 'mount --bind "$0" /etc && exec "$@"', str(self.path), *argv]
+
+
 # ---- one sshd --------------------------------------------------------------------------------
 
 
@@ -264,6 +302,7 @@ class SshServer:
     host: Host
     workdir: Path
     users: LabUsers
+    etc: LabEtc
     ca_pub: Path | None = None
     host_key_types: tuple[str, ...] = ("ed25519",)
     use_pam: bool = True
@@ -294,16 +333,8 @@ class SshServer:
                 make_host_key(self.host_key_path(kind), kind)
         keys_dir = self.workdir / "authorized_keys"
         keys_dir.mkdir(exist_ok=True)
-        home_base = self.workdir / "home"
-        home_base.mkdir(exist_ok=True)
         for user in self.users.users:
             _write(keys_dir / user.name, "".join(line + "\n" for line in user.authorized), 0o644)
-            (home_base / user.name).mkdir(exist_ok=True)
-        for relpath, (text, mode) in self.users.files(home_base).items():
-            path = self.lab.write_etc(self.host, relpath, text)
-            os.chmod(path, mode)
-        for i, user in enumerate(self.users.users):
-            os.chown(home_base / user.name, FIRST_LAB_UID + i, FIRST_LAB_UID + i)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         self.config_path.write_text(self.config_text())
         check = subprocess.run([_which("sshd") or "sshd", "-t", "-f", str(self.config_path)],
@@ -339,9 +370,8 @@ class SshServer:
     def start(self) -> None:
         """Start sshd in the foreground of its namespace and wait until it listens."""
         log = open(self.workdir / "sshd.log", "ab")  # noqa: SIM115 - handed to the child
-        self._proc = self.lab.popen(self.host.netns, [_which("sshd") or "sshd", "-D", "-e", "-f",
-                                                      str(self.config_path)],
-                                    stdout=log, stderr=log)
+        sshd = [_which("sshd") or "sshd", "-D", "-e", "-f", str(self.config_path)]
+        self._proc = self.lab.popen(self.host.netns, self.etc.wrap(sshd), stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -375,6 +405,10 @@ class SshServer:
         for kind in self.host_key_types:
             make_host_key(self.host_key_path(kind), kind)
         self.start()
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Run a short command in this target, seeing the lab's users (e.g. ``runuser``)."""
+        return self.lab.host_run(self.host, *self.etc.wrap(argv))
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of this server's log, for failure messages."""

@@ -326,7 +326,10 @@ class _Connection:
         transport.handshake_timeout = t.handshake_s
         transport.auth_timeout = t.auth_s
         if key_types:
-            transport.get_security_options().key_types = key_types
+            options = transport.get_security_options()
+            usable = tuple(k for k in key_types if k in options.key_types)
+            if usable:
+                options.key_types = usable
         try:
             transport.start_client(timeout=t.handshake_s)
         except paramiko.SSHException as exc:

@@ -332,9 +332,10 @@ def osv_ecosystem(os_release: Mapping[str, str]) -> str:
 
     Exact OSV strings (ossf/osv-schema ecosystems.json): ``Debian:12``,
     ``Ubuntu:22.04:LTS`` (``:LTS`` for LTS releases), ``Alpine:v3.20``,
-    ``AlmaLinux:9``, ``Rocky Linux:9``, ``Red Hat`` (PROTOCOL.md's name; Red Hat
-    records carry a CPE stream suffix such as ``Red Hat:enterprise_linux:9::baseos``
-    that the matcher compares by prefix), ``openSUSE:Leap 15.5`` and ``SUSE:...``
+    ``AlmaLinux:9``, ``Rocky Linux:9``, ``Red Hat:9`` (Red Hat records carry a
+    CPE stream suffix such as ``Red Hat:enterprise_linux:9::baseos``; the
+    knowledge base, appliance/kb/match.py, applies those of major release 9 to a
+    host ``Red Hat:9``), ``openSUSE:Leap 15.5`` and ``SUSE:...``
     (the PRETTY_NAME), ``Mageia:9``. Distributions OSV has no data source for
     get a descriptive name in the same shape (``Amazon Linux:2023``,
     ``CentOS:7``, ``Oracle Linux:8``, ``Fedora:40``), which matches no record.
@@ -354,7 +355,9 @@ def osv_ecosystem(os_release: Mapping[str, str]) -> str:
         m = re.match(r"^(\d+)\.(\d+)", version)
         return f"Alpine:v{m.group(1)}.{m.group(2)}" if m else "Alpine"
     if dist == "rhel":
-        return "Red Hat"
+        # The knowledge base applies Red Hat's stream ecosystems
+        # (Red Hat:enterprise_linux:9::appstream, ...) to a host "Red Hat:9".
+        return f"Red Hat:{major}" if major else "Red Hat"
     named = {"almalinux": "AlmaLinux", "rocky": "Rocky Linux", "amzn": "Amazon Linux",
              "centos": "CentOS", "ol": "Oracle Linux", "fedora": "Fedora", "mageia": "Mageia"}
     if dist in named:

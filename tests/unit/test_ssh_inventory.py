@@ -27,7 +27,7 @@ def fixture(relpath: str) -> str:
     ("os-release/ubuntu16", "Ubuntu", "16.04", "Ubuntu:16.04:LTS"),
     ("os-release/ubuntu14", "Ubuntu", "14.04", "Ubuntu:14.04:LTS"),
     ("alpine3.23/os-release", "Alpine Linux", "3.23.6", "Alpine:v3.23"),
-    ("os-release/rhel7", "Red Hat Enterprise Linux Server", "7.0", "Red Hat"),
+    ("os-release/rhel7", "Red Hat Enterprise Linux Server", "7.0", "Red Hat:7"),
     ("os-release/rocky", "Rocky Linux", "8.4", "Rocky Linux:8"),
     ("os-release/centos7", "CentOS Linux", "7", "CentOS:7"),
     ("os-release/amazon2016", "Amazon Linux AMI", "2016.03", "Amazon Linux:2016.03"),

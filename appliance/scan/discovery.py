@@ -25,7 +25,9 @@ from pathlib import Path
 
 from appliance.scan.connectscan import HostPorts, connect_scan
 
-DISCOVERY_TIMEOUT_S = 1.0
+# How long a silent host gets per try (two tries): nmap -T4 starts from a 500 ms
+# round-trip timeout; 750 ms covers cross-region VPC paths with room to spare.
+DISCOVERY_TIMEOUT_S = 0.75
 DISCOVERY_RETRIES = 1
 # nmap's default discovery uses 80 and 443; these add the usual server and
 # Windows ports, where a firewall that drops the web ports may still let one through.

@@ -177,6 +177,7 @@ async def scan_scoped(
         out: dict[str, HostPorts] = {}
         if v4_hosts:
             found, _report = await synscan.syn_scan(v4_hosts, ports, rate_pps=options.rate_pps,
+                                                    wait_s=discovery.DISCOVERY_TIMEOUT_S,
                                                     may_probe=scope.may_probe if scope else None)
             out.update(found)
         v6_hosts = [h for h in hosts if ":" in h]

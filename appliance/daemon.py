@@ -221,6 +221,7 @@ class Daemon:
         self.poll_interval_s: float = timings.default_poll_interval_s
         self._last_asked: float | None = None
         self._said: dict[str, str] = {}
+        self._proxy_checked_at = 0.0
 
     # --- small helpers ---
 
@@ -330,7 +331,7 @@ class Daemon:
             else:
                 client.use_certificate(identity.cert_path, identity.key_path)
             await self.poll_loop(client)
-            # poll_loop returns only after a 401: the identity is gone, register afresh.
+            # After a 401 (identity wiped: register afresh) or a new PROXY_URL: start over from user-data.
 
     # --- IMDS ---
 
@@ -630,7 +631,12 @@ class Daemon:
         return response
 
     async def poll_loop(self, client: PlatformClient) -> None:
-        """Poll at once, then every interval (±10 %); return only when the platform forgot us (401)."""
+        """Poll at once, then every interval (±10 %).
+
+        Returns only when the platform forgot this appliance (401: the identity
+        is wiped) or, while the platform is unreachable, when PROXY_URL changed
+        in user-data; the caller then starts over from user-data.
+        """
         self.phase("polling", None)
         failures = 0
         count = int(self.status.data["poll"]["count"])
@@ -667,6 +673,9 @@ class Daemon:
                 })
                 self.notifier.status(f"polling: last poll failed ({failures} in a row)")
                 await self._wait_next_poll(delay)
+                if isinstance(exc, PlatformUnreachable) and await self._proxy_changed():
+                    self.console.say("PROXY_URL changed in user-data: connecting through the new setting")
+                    return
                 continue
             count += 1
             if failures:
@@ -684,6 +693,20 @@ class Daemon:
             self.publish_work()
             self.notifier.status(f"polling every {_human_s(self.poll_interval_s)}; last poll ok")
             await self._wait_next_poll(wait)
+
+    async def _proxy_changed(self) -> bool:
+        """While the platform is unreachable: has the operator changed PROXY_URL? (checked every 5 minutes)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._proxy_checked_at < self.timings.userdata_recheck_s:
+            return False
+        self._proxy_checked_at = now
+        try:
+            raw = await self.read_user_data()
+            fresh = parse_user_data(raw) if raw else None
+        except (UserDataError, ImdsError) as exc:
+            log.info("user-data re-check failed: %s", exc)
+            return False
+        return fresh is not None and fresh.perscode is not None and fresh.proxy != self._client_proxy
 
     def publish_work(self) -> None:
         """Write the sink's snapshot (running jobs, spool backlog, signatures) to the status file.

@@ -341,6 +341,7 @@ def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
         return "name not resolved"
     if os_error is None:
         return str(exc)
-    if os_error.errno is not None and not os_error.strerror:
+    if os_error.errno:
+        # aiohttp's own text ("Connect call failed ('10.0.0.1', 443)") says less than the errno does.
         return os.strerror(os_error.errno)
     return os_error.strerror or str(os_error)

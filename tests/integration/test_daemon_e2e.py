@@ -64,10 +64,10 @@ def test_registers_and_polls_at_the_platform_interval(lab: DaemonLab) -> None:
     assert {p["appliance_id"] for p in polls} == {appliance_id}
     assert {p["user_agent"] for p in polls} == {"vsa/0.1.0"}
     gaps = [b["at_s"] - a["at_s"] for a, b in zip(polls, polls[1:], strict=False)]
-    assert all(1.6 <= g <= 3.0 for g in gaps), gaps
+    assert all(1.6 <= g <= 3.5 for g in gaps), gaps
     # The first poll follows registration at once.
     register_at = lab.registers(status=201)[0]["at_s"]
-    assert polls[0]["at_s"] - register_at < 1.0
+    assert polls[0]["at_s"] - register_at < 1.5
 
     # The platform got the instance facts from IMDS.
     entry = lab.platform.appliance(appliance_id)  # type: ignore[union-attr]

@@ -89,3 +89,23 @@ def test_wrong_proxy_password_is_explained_and_fixed_user_data_is_picked_up(lab:
     assert lab.stop_daemon() == 0
     assert_no_canary(lab, wrong)
     assert_no_canary(lab, CANARY)
+
+
+def test_proxy_gone_while_polling_and_a_new_proxy_url_is_picked_up(lab: DaemonLab, squid: Squid) -> None:
+    code = lab.platform.create_perscode()  # type: ignore[union-attr]
+    lab.set_user_data(f"PERSCODE={code}\nPROXY_URL=jdoe:{CANARY}@127.0.0.1:{squid.port}\n")
+    lab.start_daemon()
+    lab.wait_for(r"^vsa: registered with the platform: appliance ID \S+$")
+    lab.wait_until(lambda: len(lab.polls()) >= 1, timeout_s=10, what="a poll through the proxy")
+    squid.stop()  # the proxy disappears
+    lab.wait_for(r"^vsa: poll failed: unable to connect to 127.0.0.1:\d+ - please fix: cannot connect to the proxy "
+                 rf"jdoe:\*\*\*@127.0.0.1:{squid.port} \(Connection refused\)", timeout_s=20)
+    lab.set_user_data(f"PERSCODE={code}\n")  # the operator removes PROXY_URL
+    lab.wait_for(r"^vsa: PROXY_URL changed in user-data: connecting through the new setting$", timeout_s=20)
+    lab.wait_for(r"^vsa: no proxy \(PROXY_URL not set\): connecting to the platform directly$", timeout_s=20)
+    lab.wait_for(r"^vsa: registered as \S+ \(since ", timeout_s=20)  # the same identity, kept
+    before = len(lab.polls())
+    lab.wait_until(lambda: len(lab.polls()) > before, timeout_s=10, what="direct polls")
+    assert len(lab.registers()) == 1  # the identity was kept
+    assert lab.stop_daemon() == 0
+    assert_no_canary(lab)

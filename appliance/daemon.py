@@ -330,6 +330,7 @@ class Daemon:
                     continue
             else:
                 client.use_certificate(identity.cert_path, identity.key_path)
+                self.sink.use_platform(client)
             await self.poll_loop(client)
             # After a 401 (identity wiped: register afresh) or a new PROXY_URL: start over from user-data.
 
@@ -574,6 +575,7 @@ class Daemon:
             return self.timings.backoff(self.poll_interval_s).delay_s(1, rng=self.rng)
         self.identity = identity
         client.use_certificate(identity.cert_path, identity.key_path)
+        self.sink.use_platform(client)
         self.forget_said("register")
         reg = identity.registration
         assert reg is not None
@@ -654,6 +656,7 @@ class Daemon:
                 self.store.wipe()
                 self.identity = None
                 client.use_certificate(None, None)
+                self.sink.use_platform(None)
                 self.status.update(
                     registration={"state": "unregistered", "appliance_id": None, "registered_at": None},
                     poll={"last_at": attempt_at, "last_result": str(exc)},
@@ -744,15 +747,29 @@ def _human_s(seconds: float) -> str:
 # --- composition root ---
 
 
+@dataclass(frozen=True)
+class SinkContext:
+    """What the composition root hands a job sink factory (the job engine) when it builds it."""
+
+    config: Config
+    console: Console
+    store: IdentityStore  # the appliance key for JWE auth records: store.load().key_path
+    waker: PollWaker  # waker.wake() asks for a poll now (a job ended, MQTT said so)
+
+
 def build_daemon(
     config: Config,
     *,
     user_data_file: Path | None,
     environ: Mapping[str, str],
     console: Console | None = None,
-    sink: JobSink | None = None,
+    sink_factory: Callable[[SinkContext], JobSink] | None = None,
 ) -> Daemon:
-    """Build every collaborator and hand them to a :class:`Daemon` (the composition root)."""
+    """Build every collaborator and hand them to a :class:`Daemon` (the composition root).
+
+    ``sink_factory`` builds the job engine; without it the console stand-in
+    (:class:`ConsoleJobSink`) says what is offered and accepts nothing.
+    """
     from appliance.aws.imds import ImdsClient  # late: keeps `vsa status` light
 
     console = console or Console()
@@ -773,13 +790,16 @@ def build_daemon(
 
     imds_factory = None if config.imds_disabled else (lambda: ImdsClient.from_config(config))
     status = StatusFile(config.state_dir)
+    store = IdentityStore(config.state_dir)
+    waker = PollWaker()
+    context = SinkContext(config=config, console=console, store=store, waker=waker)
     return Daemon(
         config=config,
         console=console,
-        store=IdentityStore(config.state_dir),
+        store=store,
         status=status,
-        sink=sink or ConsoleJobSink(console),
-        waker=PollWaker(),
+        sink=sink_factory(context) if sink_factory else ConsoleJobSink(console),
+        waker=waker,
         notifier=Notifier(environ),
         timings=Timings.from_env(environ),
         imds_factory=imds_factory,

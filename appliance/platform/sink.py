@@ -10,7 +10,9 @@ before any job of the same response starts):
 4. ``offer_jobs(jobs, invalid)``         when ``jobs`` is not empty (parsed ones and malformed ones)
 
 and before every poll ``snapshot()`` for the request's ``status``,
-``running_jobs``, ``spool_pending`` and ``signatures_version``. The sink may ask
+``running_jobs``, ``spool_pending`` and ``signatures_version``. ``use_platform(client)``
+hands it the current :class:`~appliance.platform.client.PlatformClient` for its own
+calls (accept, hosts, progress, complete through ``client.call``). The sink may ask
 for an early poll through the :class:`PollWaker` the composition root gives it
 (after a job ends, or when MQTT says "wake").
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from appliance.console import Console
+from appliance.platform.client import PlatformClient
 from appliance.platform.messages import (
     Ec2ApiProxy,
     InvalidJob,
@@ -58,6 +61,14 @@ class JobSink(Protocol):
 
     def snapshot(self) -> WorkSnapshot:
         """The current work, cheap and non-blocking (called before every poll)."""
+        ...
+
+    def use_platform(self, client: PlatformClient | None) -> None:
+        """The client for authenticated job calls (``client.call``) from now on; None while unregistered.
+
+        Called whenever the daemon's client or its certificate changes (registration,
+        a 401 wipe, a new PROXY_URL), so the engine never holds a stale one.
+        """
         ...
 
     async def set_ec2_api_proxy(self, proxy: Ec2ApiProxy | None) -> None:
@@ -105,10 +116,15 @@ class ConsoleJobSink:
         self._seen: set[str] = set()
         self._proxy: Ec2ApiProxy | None = None
         self._signatures_seen: str | None = None
+        self._client: PlatformClient | None = None
 
     def snapshot(self) -> WorkSnapshot:
         """Nothing runs: idle, empty spool, no signatures."""
         return WorkSnapshot()
+
+    def use_platform(self, client: PlatformClient | None) -> None:
+        """Nothing to call the platform for."""
+        self._client = client
 
     async def set_ec2_api_proxy(self, proxy: Ec2ApiProxy | None) -> None:
         """Remember the proxy; say so when it changes (its password masked)."""

@@ -28,6 +28,11 @@ from appliance.lab.platform.server import PlatformThread
 
 REPO = Path(__file__).resolve().parents[2]
 VSA = REPO / ".venv" / "bin" / "vsa"
+
+
+def vsa_command() -> list[str]:
+    """The `vsa` console script of the venv (scripts/setup installs it), else the same CLI by module."""
+    return [str(VSA)] if VSA.exists() else [sys.executable, "-m", "appliance.cli"]
 INSTANCE_A = "i-0aaaa1111bbbb2222"
 INSTANCE_B = "i-0bbbb3333cccc4444"
 
@@ -118,7 +123,7 @@ class DaemonLab:
         self._files = (out, err)
         self._stdout_offset = self.stdout_path.stat().st_size if self.stdout_path.exists() else 0
         self.proc = subprocess.Popen(
-            [str(VSA), "run", "--config", str(self.config_path), *args],
+            [*vsa_command(), "run", "--config", str(self.config_path), *args],
             stdout=out, stderr=err, env=env or self.env(), cwd=self.tmp,
         )
         return self.proc
@@ -179,13 +184,13 @@ class DaemonLab:
 
     def status(self) -> dict[str, Any]:
         """``vsa status --json`` as a separate process."""
-        out = subprocess.run([str(VSA), "status", "--json", "--config", str(self.config_path)],
+        out = subprocess.run([*vsa_command(), "status", "--json", "--config", str(self.config_path)],
                              capture_output=True, env=self.env(), timeout=30, check=True)
         return json.loads(out.stdout)
 
     def status_text(self) -> str:
         """``vsa status`` (human form)."""
-        out = subprocess.run([str(VSA), "status", "--config", str(self.config_path)],
+        out = subprocess.run([*vsa_command(), "status", "--config", str(self.config_path)],
                              capture_output=True, env=self.env(), timeout=30, check=True, text=True)
         return out.stdout
 
@@ -213,7 +218,3 @@ class DaemonLab:
             if path.is_file():
                 yield path, path.read_bytes()
 
-
-def python() -> str:
-    """The interpreter running the tests (the venv's)."""
-    return sys.executable

@@ -266,12 +266,12 @@ def test_imds_disabled_with_a_user_data_file(lab: DaemonLab, tmp_path: Path) -> 
 def test_no_platform_url_is_a_configuration_error(tmp_path: Path) -> None:
     import subprocess
 
-    from daemon_harness import VSA
+    from daemon_harness import vsa_command
 
     config = tmp_path / "c.toml"
     config.write_text(f'[state]\ndir = "{tmp_path / "s"}"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VSA_", "AWS_"))}
-    result = subprocess.run([str(VSA), "run", "--config", str(config)], capture_output=True, text=True, env=env,
+    result = subprocess.run([*vsa_command(), "run", "--config", str(config)], capture_output=True, text=True, env=env,
                             timeout=30)
     assert result.returncode == 1
     assert "vsa: cannot start: no platform URL is configured: set platform.url" in result.stdout

@@ -644,6 +644,15 @@ class Daemon:
         count = int(self.status.data["poll"]["count"])
         while True:
             self.check_stop()
+            if self.identity is not None and not self.identity.key_path.exists():
+                # `vsa reset` ran while the daemon was up: personalize afresh now.
+                self.console.say("the identity was wiped (vsa reset): registering afresh with the code from user-data")
+                self.identity = None
+                client.use_certificate(None, None)
+                self.sink.use_platform(None)
+                self.status.update(registration={"state": "unregistered", "appliance_id": None, "registered_at": None})
+                self.forget_said("interval")
+                return
             attempt_at = now_iso()
             try:
                 response = await self.poll_once(client)
@@ -830,6 +839,10 @@ def main(args: argparse.Namespace) -> int:
     except VsaError as exc:
         console.say(f"stopped on an error: {exc}")
         log.exception("the daemon stopped on an error")
+        return 1
+    except Exception as exc:  # a bug: say it in words, keep the (scrubbed) traceback in the journal
+        console.say(f"stopped on an internal error ({type(exc).__name__}); the journal has the details")
+        log.exception("the daemon stopped on an internal error")
         return 1
 
 

@@ -242,6 +242,8 @@ class IdentityStore:
         """Remember the latest poll interval the platform set (so a restart starts with it)."""
         if identity.registration is None or identity.registration.poll_interval_s == poll_interval_s:
             return identity
+        if not identity.key_path.exists():
+            return identity  # wiped meanwhile (vsa reset): never recreate a partial identity
         reg = identity.registration
         registration = Registration(reg.appliance_id, reg.registered_at, reg.platform_url, poll_interval_s, reg.mqtt)
         self._write_meta(identity.instance_id, identity.created_at, registration)

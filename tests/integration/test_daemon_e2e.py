@@ -275,3 +275,26 @@ def test_no_platform_url_is_a_configuration_error(tmp_path: Path) -> None:
                             timeout=30)
     assert result.returncode == 1
     assert "vsa: cannot start: no platform URL is configured: set platform.url" in result.stdout
+
+
+def test_vsa_reset_while_running_registers_afresh(lab: DaemonLab) -> None:
+    import subprocess
+
+    from daemon_harness import vsa_command
+
+    code = lab.platform.create_perscode()  # type: ignore[union-attr]
+    lab.set_user_data(f"PERSCODE={code}\n")
+    lab.start_daemon()
+    register_ok(lab, code)
+    old_cert = (lab.state_dir / "identity" / "certificate.pem").read_bytes()
+    (lab.state_dir / "spool.db").write_bytes(b"spool")
+    reset = subprocess.run([*vsa_command(), "reset", "--yes", "--config", str(lab.config_path)],
+                           capture_output=True, text=True, env=lab.env(), timeout=30)
+    assert reset.returncode == 0, reset.stderr
+    assert "vsa: reset: wiped the identity" in reset.stdout and "spool and job journal are kept" in reset.stdout
+    lab.wait_for(r"^vsa: the identity was wiped \(vsa reset\): registering afresh", timeout_s=15)
+    lab.wait_for(r"^vsa: registered with the platform: appliance ID \S+$", count=2)
+    assert (lab.state_dir / "identity" / "certificate.pem").read_bytes() != old_cert
+    assert (lab.state_dir / "spool.db").read_bytes() == b"spool"
+    assert len(lab.registers(status=201)) == 2  # same instance, same code: allowed (supersedes)
+    assert lab.stop_daemon() == 0

@@ -92,11 +92,12 @@ def render(status: dict[str, Any], out: TextIO) -> None:
     daemon = d["state"] + (f" (pid {d['pid']}, vsa {d['version']}, since {d['started_at']})" if d["pid"] else "")
     line("daemon", daemon)
     if d.get("phase") and d["state"] == "running":
-        line("phase", d["phase"] + (f" - {d['detail']}" if d.get("detail") else ""))
+        detail = d.get("detail") if d.get("detail") != r.get("refusal") else None
+        line("phase", d["phase"] + (f" - {detail}" if detail else ""))
     if r["state"] == "registered":
         line("registration", f"registered as {r['appliance_id']} (since {r['registered_at']})")
     elif r.get("refusal"):
-        line("registration", f"{r['state']}: {r['refusal']}")
+        line("registration", f"{r['state']} - {str(r['refusal']).removeprefix('registration refused: ')}")
     else:
         line("registration", r["state"])
     line("appliance ID", r.get("appliance_id") or "-")

@@ -316,6 +316,11 @@ class SshServer:
         return self.host.ip
 
     @property
+    def pid(self) -> int | None:
+        """The sshd process's ID while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
     def config_path(self) -> Path:
         """The absolute path of this server's sshd_config."""
         return self.workdir / "sshd_config"

@@ -315,6 +315,9 @@ class _Connection:
             raise SshError(f"no answer on port {self.port} within {t.connect_s:g} s") from None
         except OSError as exc:
             raise SshError(f"cannot connect to port {self.port}: {exc.strerror or exc}") from None
+        # SSH is request/response: without TCP_NODELAY, Nagle's algorithm and the
+        # peer's delayed ACK stall small writes (~40 ms each at authentication).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             if self._closed:
                 sock.close()

@@ -43,6 +43,7 @@ READY_TIMEOUT_S = 10.0
 # so a full scan is needed to find them all.
 BASE_PORTS = (22, 80, 443)
 EXTRA_PORT_BANDS = ((3000, 9999), (10000, 39999), (40000, 65535))
+UDP_OPEN_PORTS = (53,)  # every answering host answers on these UDP ports
 
 
 def host_ports(index: int, count: int) -> tuple[int, ...]:
@@ -65,7 +66,8 @@ class PortLab:
     """The built lab: its addresses and the ground truth."""
 
     lab: NetnsLab
-    open_ports: dict[str, tuple[int, ...]] = field(default_factory=dict)  # answering hosts
+    open_ports: dict[str, tuple[int, ...]] = field(default_factory=dict)  # answering hosts (TCP)
+    udp_open_ports: tuple[int, ...] = UDP_OPEN_PORTS
     dropping_ip: str | None = None
     empty_ip: str | None = None
     hosts: dict[str, Host] = field(default_factory=dict)
@@ -133,7 +135,8 @@ def build_port_lab(
         ports = host_ports(index, ports_per_host)
         portlab.hosts[host.ip] = host
         portlab.open_ports[host.ip] = ports
-        argv = [sys.executable, "-m", "appliance.lab.portlab", "serve", "--ports", ",".join(map(str, ports))]
+        argv = [sys.executable, "-m", "appliance.lab.portlab", "serve", "--ports", ",".join(map(str, ports)),
+                "--udp-ports", ",".join(map(str, UDP_OPEN_PORTS))]
         if services:
             argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
         lab.popen(host.netns, argv, stdout=subprocess.DEVNULL)
@@ -176,7 +179,7 @@ def _http_response() -> bytes:
             b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
 
 
-async def _serve(ports: list[int], cert: str | None, key: str | None) -> None:
+async def _serve(ports: list[int], cert: str | None, key: str | None, udp_ports: list[int]) -> None:
     import ssl
 
     tls = None
@@ -205,6 +208,11 @@ async def _serve(ports: list[int], cert: str | None, key: str | None) -> None:
 
         return handle
 
+    loop = asyncio.get_running_loop()
+    for port in udp_ports:
+        # A UDP service that answers anything with what it got (enough to be "open"); bound
+        # before the TCP listeners, whose readiness the lab waits for.
+        await loop.create_datagram_endpoint(_UdpEcho, local_addr=("0.0.0.0", port))
     servers = []
     for port in ports:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -216,6 +224,14 @@ async def _serve(ports: list[int], cert: str | None, key: str | None) -> None:
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
+class _UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self.transport.sendto(data or b"\x00", addr)  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m appliance.lab.portlab serve --ports 22,80 [--tls-cert C --tls-key K]``."""
     parser = argparse.ArgumentParser(prog="portlab")
@@ -224,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--ports", required=True)
     serve.add_argument("--tls-cert")
     serve.add_argument("--tls-key")
+    serve.add_argument("--udp-ports", default="")
     args = parser.parse_args(argv)
     ports = [int(p) for p in args.ports.split(",") if p]
-    asyncio.run(_serve(ports, args.tls_cert, args.tls_key))
+    udp = [int(p) for p in args.udp_ports.split(",") if p]
+    asyncio.run(_serve(ports, args.tls_cert, args.tls_key, udp))
     return 0
 
 

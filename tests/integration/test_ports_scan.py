@@ -238,3 +238,13 @@ def test_synproxy_artefacts_are_reverified(netns_lab):
     (result,) = results
     assert open_tcp(result) == set(portlab.open_ports[host.ip]) & set(range(1, 2001))
     assert any("implausibly many" in e and "re-verified" in e for e in result["errors"]), result["errors"]
+
+
+def test_udp_light_ports(portlab):
+    """UDP: a port that answers is open; ports that refuse (ICMP unreachable) are not reported."""
+    ip = portlab.answering_ips[0]
+    rc, results, err = run_scan(portlab.lab, [ip, "--ports", "22", "--udp-ports", "53,123,161",
+                                              "--service-detection", "none"])
+    assert rc == 0, err
+    udp = {(p["port"], p["state"]) for p in results[0]["ports"] if p["proto"] == "udp"}
+    assert udp == {(53, "open")}

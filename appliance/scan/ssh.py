@@ -845,6 +845,50 @@ def _sections(result: _Exec, nonce: str) -> dict[str, CommandResult]:
     return sections
 
 
+# ---- a record from the command line (vsa scan --ssh-user --ssh-key ...) -------------------
+
+
+def cli_unix_record(
+    *,
+    username: str,
+    key_paths: tuple[str, ...] = (),
+    key_passphrase: str | None = None,
+    password: str | None = None,
+    delegation: str = "none",
+    delegation_password: str | None = None,
+    port: int = 22,
+    targets: tuple[str, ...] = ("0.0.0.0/0", "::/0"),
+) -> UnixRecord:
+    """A :class:`UnixRecord` from ``vsa scan`` options, parsed like a platform record.
+
+    Keys are read from ``key_paths`` (a ``KEY-cert.pub`` beside a key is its
+    certificate, as OpenSSH does); secrets (passphrase, passwords) come from the
+    caller, who reads them from the environment, never from argv. Every secret
+    is registered with the console's scrubber. Raises
+    :class:`appliance.authrecords.AuthRecordError` (a bad option) or ``OSError``
+    (an unreadable key file).
+    """
+    from pathlib import Path
+
+    from appliance.authrecords import AuthRecordError, parse_auth_record
+
+    keys = []
+    for path in key_paths:
+        pem = Path(path).read_text(encoding="utf-8")
+        cert_path = Path(path + "-cert.pub")
+        certificate = cert_path.read_text(encoding="utf-8").strip() if cert_path.exists() else None
+        keys.append({"pem": pem, "passphrase": key_passphrase, "certificate": certificate})
+    parsed = parse_auth_record({
+        "type": "unix", "id": "cli", "title": "command line", "username": username,
+        "password": password, "private_keys": keys,
+        "root_delegation": {"method": delegation, "password": delegation_password},
+        "port": port, "targets": list(targets),
+    })
+    if not isinstance(parsed, UnixRecord):
+        raise AuthRecordError("not a unix record")
+    return parsed
+
+
 # ---- preflight ------------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import functools
 import io
 import logging
 import secrets
@@ -346,7 +347,14 @@ class _Connection:
             raise SshError(f"the server closed the connection during the handshake ({_exc_words(exc)})") from None
         if not transport.is_active():
             raise SshError("SSH handshake did not complete")
-        return transport.get_remote_server_key()
+        try:
+            return transport.get_remote_server_key()
+        except paramiko.SSHException:
+            # start_client() returns quietly when its timeout passes mid-handshake.
+            if transport.remote_version:
+                raise SshError(f"the SSH handshake did not finish within {t.handshake_s:g} s") from None
+            raise SshError(f"port {self.port} does not speak SSH (no SSH banner within "
+                           f"{t.handshake_s:g} s)") from None
 
     def authenticate(self, username: str, keys: list[LoadedKey], password: str | None) -> tuple[str, str]:
         """Try the keys, then the password. Returns (status, words): success/failed/error."""
@@ -358,7 +366,8 @@ class _Connection:
             if key.problem or key.pkey is None:
                 notes.append(f"{key.label} {key.problem}")
                 continue
-            outcome = self._attempt(lambda k=key.pkey: transport.auth_publickey(username, k), key.label)
+            pkey = key.pkey
+            outcome = self._attempt(functools.partial(transport.auth_publickey, username, pkey), key.label)
             if outcome[0] == "success":
                 return "success", f"logged in as {username} with {key.label}"
             tried = tried or outcome[0] == "failed"
@@ -634,9 +643,9 @@ class _Runner:
 
         future = loop.run_in_executor(self.executor, run)
         # Time spent queued for a thread is not the step's: wait for it to start.
-        waiter = asyncio.ensure_future(started.wait())
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(started.wait())
         try:
-            await asyncio.wait({future, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({future, waiter}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         finally:
             waiter.cancel()
         try:

@@ -388,3 +388,56 @@ async def test_no_secret_reaches_logs_or_results(sshd_lab: Lab, caplog: pytest.L
     for secret in secrets_:
         assert secret and secret not in haystack
     assert results[0].auth.privileged and results[2].auth.privileged
+
+
+# ---- network failures --------------------------------------------------------------------
+
+async def test_silent_address_times_out_with_words(sshd_lab: Lab) -> None:
+    timeouts = ssh.SshTimeouts(connect_s=1, handshake_s=1, auth_s=2, command_s=5)
+    started = time.monotonic()
+    rec = record(NOPW, sshd_lab.keys["ed25519-openssh"])
+    c = await ssh.check_unix("10.77.0.250", rec, pins=HostKeyPins(sshd_lab.workdir / "state"),
+                             host_key="10.77.0.250", executor=sshd_lab.executor, timeouts=timeouts)
+    assert time.monotonic() - started < 5
+    assert c.auth.status == "error"
+    assert "no answer" in (c.auth.message or "") or "cannot connect" in (c.auth.message or "")
+
+
+async def test_port_that_does_not_speak_ssh(sshd_lab: Lab) -> None:
+    import sys
+
+    server = ("import socket,time\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              f"s.bind(('{sshd_lab.main.ip}', 2223)); s.listen(8)\n"
+              "conns=[]\nwhile True:\n    c,_=s.accept(); conns.append(c)\n")
+    sshd_lab.lab.popen(sshd_lab.main.host.netns, [sys.executable, "-c", server])
+    for _ in range(100):
+        if sshd_lab.lab.host_run(sshd_lab.main.host, "ss", "-Hltn", "sport = :2223").stdout.strip():
+            break
+        await asyncio.sleep(0.05)
+    timeouts = ssh.SshTimeouts(connect_s=2, handshake_s=1, auth_s=2, command_s=5)
+    started = time.monotonic()
+    c = await check(sshd_lab, record(NOPW, sshd_lab.keys["ed25519-openssh"], port=2223), timeouts=timeouts)
+    assert time.monotonic() - started < 5
+    assert c.auth.status == "error" and "does not speak SSH" in (c.auth.message or ""), c.auth.message
+
+
+async def test_at_most_a_few_sessions_per_host(sshd_lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    active = 0
+    peak = 0
+    original = ssh._Connection.connect
+
+    def counting(self: ssh._Connection, key_types: Any) -> Any:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            return original(self, key_types)
+        finally:
+            time.sleep(0.05)
+            active -= 1
+
+    monkeypatch.setattr(ssh._Connection, "connect", counting)
+    rec = record(NOPW, sshd_lab.keys["ed25519-openssh"])
+    checks = await asyncio.gather(*(check(sshd_lab, rec) for _ in range(8)))
+    assert all(c.auth.status == "success" for c in checks)
+    assert peak <= ssh.MAX_SESSIONS_PER_HOST

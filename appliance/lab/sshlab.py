@@ -434,6 +434,8 @@ class H(BaseHTTPRequestHandler):
     def _send(self, code, body=b""):
         self.send_response(code); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
     def do_PUT(self):
+        if sys.argv[2] == "v1-only":
+            return self._send(403)
         if self.path != "/latest/api/token" or not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
             return self._send(400)
         t = secrets.token_urlsafe(24); TOKENS.add(t); self._send(200, t.encode())
@@ -452,7 +454,8 @@ def start_imds_stub(lab: NetnsLab, host: Host, data: dict[str, str], *, tokens: 
     """Serve ``data`` (IMDS path under /latest/ → body) at 169.254.169.254 inside ``host``'s namespace.
 
     A minimal IMDSv2 (token PUT, token-checked GETs; ``tokens="optional"``
-    also answers v1). It lives on the target's own loopback, so only that
+    also answers v1; ``tokens="v1-only"`` refuses the token PUT with 403, as an
+    IMDS with tokens disabled does). It lives on the target's own loopback, so only that
     target's processes reach it, as on EC2.
     """
     import json

@@ -335,6 +335,12 @@ async def test_instance_metadata_through_the_session(sshd_lab: Lab) -> None:
     assert md["security-groups"] == ["web", "ssh"] and md["availability-zone"] == "us-east-1a"
     assert md["identity-document"]["region"] == "us-east-1"
     assert "public-ipv4" not in md  # the stub has none: 404
+    # An IMDS that refuses tokens is read with IMDSv1.
+    sshlab.start_imds_stub(sshd_lab.lab, sshd_lab.rekey.host, data, tokens="v1-only")
+    v1 = await check(sshd_lab, record(NOPW, sshd_lab.keys["ed25519-openssh"]), server=sshd_lab.rekey,
+                     pins=HostKeyPins(sshd_lab.workdir / "state-imds"), is_ec2=True)
+    assert v1.instance_metadata is not None and v1.instance_metadata["imds_version"] == "v1"
+    assert v1.instance_metadata["instance-id"] == "i-0abc1234def567890"
     # Not on EC2: nothing is asked.
     plain = await check(sshd_lab, record(NOPW, sshd_lab.keys["ed25519-openssh"]))
     assert plain.instance_metadata is None

@@ -696,6 +696,11 @@ async def check_unix(
     except asyncio.CancelledError:
         conn.close()
         raise
+    except Exception as exc:  # noqa: BLE001 - one host's surprise must not end the scan
+        # Not a failure we know how to name (a library bug, a shut-down pool):
+        # the host gets an error with words, the journal gets the detail.
+        log.error("ssh %s: unexpected failure: %s", ip, redact(repr(exc)))
+        _fail_stage(check, record, f"internal error in the SSH check ({type(exc).__name__}); see the journal")
     finally:
         # Closing joins no thread; paramiko's own thread ends with the transport.
         conn.close()

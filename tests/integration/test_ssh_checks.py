@@ -447,3 +447,13 @@ async def test_at_most_a_few_sessions_per_host(sshd_lab: Lab, monkeypatch: pytes
     checks = await asyncio.gather(*(check(sshd_lab, rec) for _ in range(8)))
     assert all(c.auth.status == "success" for c in checks)
     assert peak <= ssh.MAX_SESSIONS_PER_HOST
+
+
+async def test_a_surprise_is_an_error_value_not_an_exception(sshd_lab: Lab,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: ssh._Connection, *args: Any) -> Any:
+        raise RuntimeError("library bug")
+
+    monkeypatch.setattr(ssh._Connection, "authenticate", broken)
+    c = await check(sshd_lab, record(NOPW, sshd_lab.keys["ed25519-openssh"]))
+    assert c.auth.status == "error" and "internal error" in (c.auth.message or "")

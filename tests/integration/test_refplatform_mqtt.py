@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,17 +16,10 @@ import aiomqtt
 import pytest
 from conftest import require_tool
 
+from appliance.lab.mosquitto import BrokerTls, MosquittoBroker
 from appliance.lab.platform import LabPlatformError, Platform, PlatformServer
 from appliance.lab.platform.client import LabAppliance
 from appliance.lab.platform.mqtt import broker_files
-
-BROKER_START_TIMEOUT_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -41,32 +31,12 @@ def platform(tmp_path: Path) -> Iterator[Platform]:
 
 @pytest.fixture
 def broker(platform: Platform, tmp_path: Path) -> Iterator[int]:
-    mosquitto = require_tool("mosquitto")
+    require_tool("mosquitto")
     files = broker_files(platform, tmp_path / "broker", ["127.0.0.1"])
-    port = _free_port()
-    conf = tmp_path / "broker" / "mosquitto.conf"
-    conf.write_text(
-        "user root\n"  # LAB-NOTES: mosquitto reads the key after dropping privileges
-        f"listener {port} 127.0.0.1\n"
-        f"cafile {files.ca_file}\ncertfile {files.cert_file}\nkeyfile {files.key_file}\n"
-        "require_certificate true\nuse_identity_as_username true\n"
-        "persistence false\n"
-    )
-    proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not start: {proc.stderr.read() if proc.stderr else ''}")
-            time.sleep(0.05)
-        platform.set_mqtt(f"mqtts://127.0.0.1:{port}")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    tls = BrokerTls(files.ca_file, files.cert_file, files.key_file)
+    with MosquittoBroker(tmp_path / "broker", tls=tls) as mosquitto:
+        platform.set_mqtt(mosquitto.url)
+        yield mosquitto.port
 
 
 async def test_wake_reaches_the_appliance_over_mutual_tls(platform: Platform, broker: int) -> None:

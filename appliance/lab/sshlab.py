@@ -112,9 +112,9 @@ def make_user_keys(workdir: Path, ca_key: Path | None = None, principal: str = "
     Names: rsa-openssh, rsa-pem (PKCS#1), ecdsa-openssh, ecdsa-pem (SEC1),
     ed25519-openssh, ed25519-pkcs8, ed25519-passphrase (OpenSSH, bcrypt),
     rsa-pem-passphrase (PKCS#1, AES), ecdsa-pkcs8-passphrase, dsa (ssh-keygen),
-    wrong (an ED25519 key no server knows), and cert (an ED25519 key whose
-    certificate is signed by ``ca_key`` for ``principal``; the key itself is in
-    no authorized_keys file).
+    wrong (an ED25519 key no server knows), and cert, rsa-cert, ecdsa-cert
+    (keys whose certificates are signed by ``ca_key`` for ``principal``; the keys
+    themselves are in no authorized_keys file).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     keys: dict[str, UserKey] = {}
@@ -156,13 +156,15 @@ def make_user_keys(workdir: Path, ca_key: Path | None = None, principal: str = "
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         add("dsa", dsa.generate_private_key(key_size=1024), ssh_)
     if ca_key is not None:
-        cert_key = ed25519.Ed25519PrivateKey.generate()
-        add("cert", cert_key, ssh_)
-        pub_path = _write(workdir / "cert-key.pub", keys["cert"].public + "\n", 0o644)
-        _run([_which("ssh-keygen") or "ssh-keygen", "-q", "-s", str(ca_key), "-I", "vsa-lab-cert",
-              "-n", principal, "-V", "-5m:+1d", str(pub_path)])
-        cert_line = (workdir / "cert-key-cert.pub").read_text().strip()
-        keys["cert"] = UserKey("cert", keys["cert"].pem, keys["cert"].public, None, cert_line)
+        for name, cert_key in (("cert", ed25519.Ed25519PrivateKey.generate()),
+                               ("rsa-cert", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+                               ("ecdsa-cert", ec.generate_private_key(ec.SECP256R1()))):
+            add(name, cert_key, ssh_)
+            pub_path = _write(workdir / f"{name}-key.pub", keys[name].public + "\n", 0o644)
+            _run([_which("ssh-keygen") or "ssh-keygen", "-q", "-s", str(ca_key), "-I", f"vsa-lab-{name}",
+                  "-n", principal, "-V", "-5m:+1d", str(pub_path)])
+            cert_line = (workdir / f"{name}-key-cert.pub").read_text().strip()
+            keys[name] = UserKey(name, keys[name].pem, keys[name].public, None, cert_line)
     return keys
 
 

@@ -63,7 +63,7 @@ def sshd_lab() -> Iterator[Lab]:
         keys = sshlab.make_user_keys(workdir / "keys", ca, NOPW)
         user_password = "pw-" + os.urandom(9).hex()
         root_password = "root-" + os.urandom(9).hex()
-        all_keys = tuple(k.public for n, k in keys.items() if n not in ("cert", "wrong", "dsa"))
+        all_keys = tuple(k.public for n, k in keys.items() if "cert" not in n and n not in ("wrong", "dsa"))
         ed = (keys["ed25519-openssh"].public,)
         fakebin = workdir / "fakebin"
         fakebin.mkdir()
@@ -160,10 +160,11 @@ async def test_every_key_form_logs_in_and_inventories(sshd_lab: Lab) -> None:
         assert c.errors == [], (name, c.errors)
 
 
-async def test_certificate_signed_by_trusted_ca(sshd_lab: Lab) -> None:
-    cert = sshd_lab.keys["cert"]
+@pytest.mark.parametrize("name", ["cert", "rsa-cert", "ecdsa-cert"])
+async def test_certificate_signed_by_trusted_ca(sshd_lab: Lab, name: str) -> None:
+    cert = sshd_lab.keys[name]
     c = await check(sshd_lab, record(NOPW, cert, method="sudo"))
-    assert c.auth.status == "success" and c.auth.privileged, c.auth.message
+    assert c.auth.status == "success" and c.auth.privileged, (c.auth.message, sshd_lab.main.log_tail())
     assert "cert-v01@openssh.com certificate" in (c.auth.message or "")
     # The bare key is in no authorized_keys file: without its certificate it is refused.
     bare = await check(sshd_lab, record(NOPW, cert, strip_certificate=True))

@@ -548,6 +548,9 @@ class _ReceiverProcess:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(config) + "\n")
         self.proc.stdin.flush()
+
+    def wait_ready(self, shared: _SharedAnswers) -> None:
+        """Wait until the receiver reads its ring (before the first probe leaves)."""
         deadline = time.monotonic() + RECEIVER_START_TIMEOUT_S
         while shared.counters()[3] != 1:
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -636,26 +639,10 @@ def syn_scan_blocking(
     report.source_port = sport
     jar = CookieJar(sport)
 
-    plans: list[_HostPlan] = []
-    sources: dict[str, bytes] = {}
-    for ip in hosts:
-        src = source_address(ip)
-        if src not in sources:
-            sources[src] = _template(src, sport)
-        ip_bytes = socket.inet_aton(ip)
-        ip_int = int.from_bytes(ip_bytes, "big")
-        tmpl = bytearray(sources[src])
-        tmpl[16:20] = ip_bytes
-        tcp = bytes(tmpl[20:])
-        pseudo = tmpl[12:20] + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
-        # TCP words that vary (dport, seq) are zero in the template, so the base sum excludes them.
-        tcp_base = ones_sum(bytes(pseudo) + tcp[:16] + b"\x00\x00" + tcp[18:])
-        ip_base = ones_sum(bytes(tmpl[:10]) + bytes(tmpl[12:20]))  # id is zero in the template
-        plans.append(_HostPlan(ip, ip_int, ip_bytes, jar.host_key(ip_int), tcp_base, ip_base, src,
-                               socket.inet_aton(src)))
-
-    interfaces = sorted({interface_of(src) for src in sources})
-    n_hosts, n_ports = len(plans), len(ports)
+    # The receiver process starts first: its start-up overlaps building the probes.
+    source_of = {ip: source_address(ip) for ip in hosts}
+    interfaces = sorted({interface_of(src) for src in set(source_of.values())})
+    n_hosts, n_ports = len(hosts), len(ports)
     total = n_hosts * n_ports
     rx_socks = _open_receivers(interfaces, sport)
     shared = _SharedAnswers(total)
@@ -663,7 +650,30 @@ def syn_scan_blocking(
     nft = _NftDrop(sport) if suppress_kernel_rst else None
     try:
         tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF_BYTES)
-        receiver = _ReceiverProcess(rx_socks, shared, jar, [p.ip_int for p in plans], ports)
+        host_ints = [int.from_bytes(socket.inet_aton(ip), "big") for ip in hosts]
+        receiver = _ReceiverProcess(rx_socks, shared, jar, host_ints, ports)
+        try:
+            plans: list[_HostPlan] = []
+            sources: dict[str, bytes] = {}
+            for ip in hosts:
+                src = source_of[ip]
+                if src not in sources:
+                    sources[src] = _template(src, sport)
+                ip_bytes = socket.inet_aton(ip)
+                ip_int = int.from_bytes(ip_bytes, "big")
+                tmpl = bytearray(sources[src])
+                tmpl[16:20] = ip_bytes
+                tcp = bytes(tmpl[20:])
+                pseudo = tmpl[12:20] + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+                # TCP words that vary (dport, seq) are zero in the template, so the base sum excludes them.
+                tcp_base = ones_sum(bytes(pseudo) + tcp[:16] + b"\x00\x00" + tcp[18:])
+                ip_base = ones_sum(bytes(tmpl[:10]) + bytes(tmpl[12:20]))  # id is zero in the template
+                plans.append(_HostPlan(ip, ip_int, ip_bytes, jar.host_key(ip_int), tcp_base, ip_base, src,
+                                       socket.inet_aton(src)))
+            receiver.wait_ready(shared)
+        except BaseException:
+            receiver.stop()  # never leave the receiver behind
+            raise
         if nft is not None:
             nft.__enter__()
             report.rst_suppressed = nft.active

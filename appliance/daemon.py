@@ -32,7 +32,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from appliance import __version__
 from appliance.config import Config, load_config
 from appliance.console import Console, mask_perscode, register_secret, setup_logging
 from appliance.errors import ImdsError, PlatformError, StateError, UserDataError, VsaError
+from appliance.mqtt import EventPublisher, MqttChannel, NullPublisher
 from appliance.platform.client import (
     InvalidPerscode,
     PerscodeInUse,
@@ -64,6 +65,7 @@ IMDS_RETRY_CAP_S = 60.0
 MEMORY_PER_HOST_MB = 128  # a host pipeline's working set, generously
 HOSTS_PER_CPU = 8
 MAX_PARALLEL_HOSTS = 256
+MQTT_RECONNECT_CAP_S = 60.0  # a broker that is back is used again within a minute
 
 
 class _Stopping(Exception):
@@ -196,8 +198,10 @@ class Daemon:
         client_factory: Callable[[ProxySpec | None], PlatformClient],
         capabilities: Capabilities,
         rng: random.Random | None = None,
+        mqtt: MqttChannel | None = None,
     ) -> None:
         """Wire the daemon; nothing runs until :meth:`run`."""
+        self.mqtt = mqtt  # the optional wake-up/event channel: started once registered, never waited for
         self.config = config
         self.console = console
         self.store = store
@@ -299,6 +303,8 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def _close(self) -> None:
+        if self.mqtt is not None:
+            await self.mqtt.aclose()  # retained `offline` first, while the loop still runs
         if self.client is not None:
             await self.client.aclose()
             self.client = None
@@ -332,6 +338,8 @@ class Daemon:
                 client.use_certificate(identity.cert_path, identity.key_path)
                 self.sink.use_platform(client)
             await self.poll_loop(client)
+            if self.mqtt is not None and self.identity is None:
+                await self.mqtt.use_identity(None)  # wiped: the old certificate is done with
             # After a 401 (identity wiped: register afresh) or a new PROXY_URL: start over from user-data.
 
     # --- IMDS ---
@@ -640,6 +648,8 @@ class Daemon:
         in user-data; the caller then starts over from user-data.
         """
         self.phase("polling", None)
+        if self.mqtt is not None:
+            await self.mqtt.use_identity(self.identity)  # connects in the background (no-op if unchanged)
         failures = 0
         count = int(self.status.data["poll"]["count"])
         while True:
@@ -764,6 +774,9 @@ class SinkContext:
     console: Console
     store: IdentityStore  # the appliance key for JWE auth records: store.load().key_path
     waker: PollWaker  # waker.wake() asks for a poll now (a job ended, MQTT said so)
+    # Progress events for MQTT (events.publish_progress(job_id, phase, hosts_total, hosts_done)):
+    # non-blocking, dropped while no broker is connected.
+    events: EventPublisher = field(default_factory=NullPublisher)
 
 
 def build_daemon(
@@ -801,7 +814,11 @@ def build_daemon(
     status = StatusFile(config.state_dir)
     store = IdentityStore(config.state_dir)
     waker = PollWaker()
-    context = SinkContext(config=config, console=console, store=store, waker=waker)
+    timings = Timings.from_env(environ)
+    mqtt = MqttChannel(console=console, waker=waker, config_url=config.mqtt_url,
+                       platform_ca_file=config.platform_ca_file, status=status,
+                       reconnect=timings.backoff(min(MQTT_RECONNECT_CAP_S, timings.default_poll_interval_s)))
+    context = SinkContext(config=config, console=console, store=store, waker=waker, events=mqtt)
     return Daemon(
         config=config,
         console=console,
@@ -810,11 +827,12 @@ def build_daemon(
         sink=sink_factory(context) if sink_factory else ConsoleJobSink(console),
         waker=waker,
         notifier=Notifier(environ),
-        timings=Timings.from_env(environ),
+        timings=timings,
         imds_factory=imds_factory,
         user_data_file=user_data_file,
         client_factory=client_factory,
         capabilities=capabilities(config),
+        mqtt=mqtt,
     )
 
 

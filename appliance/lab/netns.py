@@ -15,6 +15,8 @@ Lab code: never imported by the daemon.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
+import ctypes
 import ipaddress
 import os
 import secrets
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_SUBNET = "10.77.0.0/24"
+CLONE_NEWNET = 0x40000000  # from <sched.h>
 NETNS_ETC = Path("/etc/netns")
 
 
@@ -47,6 +50,31 @@ def lab_available() -> str | None:
     if shutil.which("ip") is None:
         return "iproute2's ip command is not installed"
     return None
+
+
+def enter_netns(netns: str) -> None:
+    """Move the calling thread into the named network namespace (``/run/netns/NAME``).
+
+    Sockets the thread opens afterwards live there: in-process tests use this to
+    send their probes from inside the lab, never from the root namespace.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise LabError(f"setns({netns}) failed: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
+def netns_executor(netns: str, max_workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A bounded thread pool whose every thread lives in ``netns``."""
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=max_workers,
+        thread_name_prefix=f"ns-{netns}",
+        initializer=enter_netns,
+        initargs=(netns,),
+    )
 
 
 @dataclass

@@ -21,9 +21,7 @@ Lab code: never imported by the daemon.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -36,14 +34,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.lab.netns import Host, LabError, NetnsLab
+from appliance.lab.netns import Host, LabError, NetnsLab, netns_executor
 
 SMB_PORT = 445
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 30.0
 USERDB_LOCK_WAIT_S = 10.0  # other test sessions may be adding users at the same moment
-CLONE_NEWNET = 0x40000000
 SAMBA_TOOLS = ("smbd", "smbpasswd", "net")
 
 
@@ -102,26 +99,6 @@ def _run_ok(argv: Sequence[str]) -> bool:
 
 
 # ---- threads inside a namespace -------------------------------------------------------
-
-
-def enter_netns(netns: str) -> None:
-    """Move the calling thread into the named network namespace (``/run/netns/NAME``)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            errno = ctypes.get_errno()
-            raise LabError(f"setns({netns}) failed: {os.strerror(errno)}")
-    finally:
-        os.close(fd)
-
-
-def netns_executor(netns: str, max_workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A thread pool whose every thread lives in ``netns`` (sockets open there)."""
-    return concurrent.futures.ThreadPoolExecutor(
-        max_workers=max_workers, thread_name_prefix=f"ns-{netns}",
-        initializer=enter_netns, initargs=(netns,),
-    )
 
 
 # ---- the server -----------------------------------------------------------------------

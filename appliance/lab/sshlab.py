@@ -21,7 +21,6 @@ Lab code: never imported by the daemon.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import os
 import secrets
 import shutil
@@ -35,12 +34,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from appliance.lab.netns import Host, LabError, NetnsLab
+from appliance.lab.netns import Host, LabError, NetnsLab, netns_executor
 
 SSH_PORT = 22
 START_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 30.0
-CLONE_NEWNET = 0x40000000
 FIRST_LAB_UID = 64100  # above Debian's dynamic range (1000-59999) and 60000-64999 is unused here
 SSH_TOOLS = ("sshd", "ssh-keygen", "openssl", "sudo", "su")
 
@@ -68,22 +66,9 @@ def _run(argv: Sequence[str], *, stdin: str | None = None) -> subprocess.Complet
 # ---- threads inside a namespace ------------------------------------------------------------
 
 
-def enter_netns(netns: str) -> None:
-    """Move the calling thread into the named network namespace (sockets it opens live there)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise LabError(f"setns({netns}) failed: {os.strerror(ctypes.get_errno())}")
-    finally:
-        os.close(fd)
-
-
 def hub_executor(lab: NetnsLab, max_workers: int) -> concurrent.futures.ThreadPoolExecutor:
     """A bounded pool whose threads (and the threads they start) live in the lab's hub."""
-    return concurrent.futures.ThreadPoolExecutor(
-        max_workers=max_workers, thread_name_prefix="ssh-hub",
-        initializer=enter_netns, initargs=(lab.hub,))
+    return netns_executor(lab.hub, max_workers)
 
 
 # ---- keys ------------------------------------------------------------------------------------

@@ -27,12 +27,11 @@ from conftest import require
 from impacket.ntlm import compute_nthash
 
 from appliance.authrecords import WindowsRecord
-from appliance.lab.netns import Host, NetnsLab
+from appliance.lab.netns import Host, NetnsLab, netns_executor
 from appliance.lab.smblab import (
     SambaServer,
     SambaSettings,
     linux_user,
-    netns_executor,
     samba_available,
 )
 from appliance.results import HostResult, Target

@@ -248,3 +248,22 @@ def test_udp_light_ports(portlab):
     assert rc == 0, err
     udp = {(p["port"], p["state"]) for p in results[0]["ports"] if p["proto"] == "udp"}
     assert udp == {(53, "open")}
+
+
+@pytest.mark.parametrize("engine", ["syn", "connect"])
+def test_discovery_refusal_and_icmp_prove_a_host_alive(netns_lab, engine):
+    """A host with no open port (it refuses: RST) is alive; so is one that drops TCP but answers ping."""
+    require_tool("nft")
+    refusing = netns_lab.add_host("refuse")
+    pinging = netns_lab.add_host("ping")
+    netns_lab.host_run(pinging, "nft", "add table inet vsatcpdrop")
+    netns_lab.host_run(pinging, "nft",
+                       "add chain inet vsatcpdrop input { type filter hook input priority 0 ; policy accept ; }")
+    netns_lab.host_run(pinging, "nft", "add rule inet vsatcpdrop input meta l4proto tcp drop")
+    rc, results, err = run_scan(netns_lab, [refusing.ip, pinging.ip, "--ports", "light", "--engine", engine])
+    assert rc == 0, err
+    got = by_key(results)
+    assert got[refusing.ip]["status"] == "scanned" and got[refusing.ip]["ports"] == []
+    assert got[refusing.ip]["errors"] == []
+    assert got[pinging.ip]["status"] == "scanned" and got[pinging.ip]["ports"] == []
+    assert any("every port filtered" in e for e in got[pinging.ip]["errors"])

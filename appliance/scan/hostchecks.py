@@ -38,6 +38,10 @@ Rules (decided here, one place for both callers):
 - Knowledge-base matching runs once the packages are known: one finding per
   (advisory, installed package); with no knowledge base, the host's ``errors``
   say its packages were not matched.
+- Cancelled (the caller's ``host_timeout_s`` through ``asyncio.wait_for``, or a
+  stop), the host still gets one entry per applying record (``error``, "stopped
+  before this record's check finished") and its ``not_applicable`` entries
+  before the cancellation goes on; the same on an internal error.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from appliance.scan.ssh import (
     Stage,
     UnixCheck,
     check_unix,
+    preflight_unix,
 )
 from appliance.state.hostkeys import HostKeyPins
 
@@ -206,22 +211,38 @@ async def run_host_checks(
         _apply_unix(result, unix_checks)
         for wcheck in windows_checks:
             _apply_windows(result, wcheck)
-        # not_applicable entries go with their type: unix ones before windows entries.
-        for entry in not_applicable_entries(ip, records):
-            index = len(result.auth) if entry.type == "windows" else _first_windows(result.auth)
-            result.auth.insert(index, entry)
+        complete_auth(result, records, "not tried")
     except asyncio.CancelledError:
+        # The caller's host timeout (or a stop): the entries still say what happened.
+        complete_auth(result, records, "stopped before this record's check finished "
+                                       "(the host's time ran out or the scan was stopped)")
         raise
     except Exception as exc:  # noqa: BLE001 - one host's surprise must not end the job
         log.error("host checks of %s: unexpected failure: %s", ip, redact(repr(exc)))
         result.errors.append(f"internal error in the authenticated checks ({type(exc).__name__}); "
                              "see the journal")
+        complete_auth(result, records, "not checked: internal error in the authenticated checks")
         return
     _match(result, ctx)
 
 
-def _first_windows(auth: list[AuthOutcome]) -> int:
-    return next((i for i, a in enumerate(auth) if a.type == "windows"), len(auth))
+def complete_auth(result: HostResult, records: Sequence[AuthRecord], words: str) -> None:
+    """Make ``result.auth`` whole per PROTOCOL.md, whatever was reached.
+
+    Adds an ``error`` entry (with ``words``) for each applying record that has
+    none yet, the ``not_applicable`` entries that are missing, and orders the
+    entries unix first, then windows (the job's order within a type).
+    """
+    ip = result.target.ip
+    unix, windows = applying_records(ip, records)
+    have = {(a.record_id, a.type) for a in result.auth}
+    for record in (*unix, *windows):
+        if (record.id, record.type) not in have:
+            result.auth.append(AuthOutcome(record.id, record.type, "error", False, words))
+    for entry in not_applicable_entries(ip, records):
+        if (None, entry.type) not in have:
+            result.auth.append(entry)
+    result.auth.sort(key=lambda a: TYPE_ORDER.index(a.type))  # stable: the job's order stays
 
 
 async def _run_unix(result: HostResult, records: Sequence[UnixRecord], ctx: CheckContext, *,
@@ -343,8 +364,28 @@ def windows_preflight(check: WindowsCheck, host_key: str) -> PreflightReport:
                            collectors=collectors, host_key_fingerprint=None)
 
 
+async def preflight_host(result: HostResult, records: Sequence[AuthRecord],
+                         ctx: CheckContext) -> list[PreflightReport]:
+    """``vsa scan --check-auth`` for one host: a report per applying record, unix first.
+
+    Each report says for connect, authenticate, root (admin on Windows) and the
+    collectors whether it works and exactly why not. SSH host keys are pinned
+    on first use, as a scan would.
+    """
+    ip = result.target.ip
+    unix, windows = applying_records(ip, records)
+    reports = [await preflight_unix(ip, record, pins=ctx.pins, host_key=result.host_key,
+                                    executor=ctx.ssh_executor, timeouts=ctx.ssh_timeouts)
+               for record in unix]
+    for wrecord in windows:
+        check = await check_windows(ip, wrecord, executor=ctx.smb_executor,
+                                    timeout_s=ctx.smb_timeout_s, port=ctx.smb_port)
+        reports.append(windows_preflight(check, result.host_key))
+    return reports
+
+
 __all__ = [
-    "NO_KB_NOTE", "CheckContext", "applying_records", "best_unix",
-    "make_check_context", "not_applicable_entries", "port_not_open", "run_host_checks",
-    "windows_preflight",
+    "NO_KB_NOTE", "CheckContext", "applying_records", "best_unix", "complete_auth",
+    "make_check_context", "not_applicable_entries", "port_not_open", "preflight_host",
+    "run_host_checks", "windows_preflight",
 ]

@@ -169,3 +169,18 @@ async def test_discovery_jobs_and_authentication_off_touch_nothing(hc: HcLab, tm
         ctx.close()
     # Nothing was pinned either: no SSH connection was made.
     assert ctx.pins.pins() == []
+
+
+async def test_a_host_timeout_still_leaves_one_entry_per_record(hc: HcLab, tmp_path: Path) -> None:
+    ctx = context(hc, tmp_path, None)
+    records = [unix_record("rec-good", hc, [hc.linux_ip]), windows_record("rec-win", hc, [hc.win_ip])]
+    linux = scanned(hc.linux_ip, 22)
+    try:
+        with pytest.raises(TimeoutError):
+            # The engine bounds each host with host_timeout_s the same way.
+            await asyncio.wait_for(hostchecks.run_host_checks(
+                linux, records, ctx, job_type="vm_scan", authentication=True, is_ec2=False), 0.05)
+    finally:
+        ctx.close()
+    assert auth_rows(linux) == [("rec-good", "unix", "error"), (None, "windows", "not_applicable")]
+    assert "stopped before" in (linux.auth[0].message or "")

@@ -196,3 +196,19 @@ def test_windows_preflight_words() -> None:
         "  --   admin: not an administrator: the registry may say less",
         "  ok   collectors: OS Samba; no remote registry",
     ]
+
+
+def test_complete_auth_fills_what_is_missing_in_protocol_order() -> None:
+    records = [windows("w1", ["10.9.0.5"]), unix("u1", ["10.9.0.5"]), unix("u2", ["10.9.0.0/24"])]
+    result = host()
+    result.auth.append(AuthOutcome("u2", "unix", "success", True))
+    hostchecks.complete_auth(result, records, "stopped")
+    assert [(a.record_id, a.type, a.status, a.message) for a in result.auth] == [
+        ("u2", "unix", "success", None), ("u1", "unix", "error", "stopped"),
+        ("w1", "windows", "error", "stopped")]
+    hostchecks.complete_auth(result, records, "again")  # idempotent
+    assert len(result.auth) == 3
+    other = host("10.7.0.1")
+    hostchecks.complete_auth(other, records, "x")
+    assert [(a.record_id, a.type, a.status) for a in other.auth] == [
+        (None, "unix", "not_applicable"), (None, "windows", "not_applicable")]

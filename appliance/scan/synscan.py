@@ -411,12 +411,14 @@ _HDR_LEN = 64
 class _SharedAnswers:
     """The memfd shared with the receiver process, seen from the sender."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, n_hosts: int) -> None:
         self.total = total
+        self.n_hosts = n_hosts
         self.nbytes = (total + 7) // 8
+        self.size = _shared_size(total, n_hosts)
         self.fd = os.memfd_create("vsa-syn-answers", 0)
-        os.ftruncate(self.fd, _HDR_LEN + 2 * self.nbytes)
-        self.mem = mmap.mmap(self.fd, _HDR_LEN + 2 * self.nbytes)
+        os.ftruncate(self.fd, self.size)
+        self.mem = mmap.mmap(self.fd, self.size)
 
     def counters(self) -> tuple[int, int, int, int]:
         """(answers, rejected, kernel drops, ready)."""
@@ -428,9 +430,19 @@ class _SharedAnswers:
     def open_bits(self) -> bytes:
         return self.mem[_HDR_LEN + self.nbytes:_HDR_LEN + 2 * self.nbytes]
 
+    def answered_per_host(self) -> list[int]:
+        """How many probes of each host were answered (written by the receiver when it stops)."""
+        return list(struct.unpack_from(f"={self.n_hosts}I", self.mem, _HDR_LEN + 2 * self.nbytes))
+
     def close(self) -> None:
+        """Unmap and close the memfd."""
         self.mem.close()
         os.close(self.fd)
+
+
+def _shared_size(total: int, n_hosts: int) -> int:
+    """Header, answered bitmap, open bitmap, then one 32-bit answer count per host."""
+    return _HDR_LEN + 2 * ((total + 7) // 8) + 4 * n_hosts
 
 
 def _rx_ring(sock: socket.socket) -> mmap.mmap:
@@ -456,7 +468,8 @@ def _receiver_main() -> int:
         port_index[port] = index
     total = n_hosts * len(config["ports"])
     nbytes = (total + 7) // 8
-    mem = mmap.mmap(config["memfd"], _HDR_LEN + 2 * nbytes)
+    mem = mmap.mmap(config["memfd"], _shared_size(total, n_hosts))
+    per_host = [0] * n_hosts
     socks = [socket.socket(fileno=fd) for fd in config["sockets"]]
     rings = [_rx_ring(sock) for sock in socks]
     poller = select.poll()
@@ -496,6 +509,7 @@ def _receiver_main() -> int:
                                 mem[open_base + (index >> 3)] |= bit
                             mem[byte] |= bit
                             answers += 1
+                            per_host[entry[1]] += 1
                 pack_into("=I", ring, off, 0)  # hand the frame back to the kernel
                 cur = (cur + 1) % RING_FRAMES
             cursors[r] = cur
@@ -526,8 +540,10 @@ def _receiver_main() -> int:
                             mem[open_base + (index >> 3)] |= bit
                         mem[byte] |= bit
                         answers += 1
+                        per_host[entry[1]] += 1
             pack_into("=I", ring, off, 0)
             cur = (cur + 1) % RING_FRAMES
+    struct.pack_into(f"={n_hosts}I", mem, _HDR_LEN + 2 * nbytes, *per_host)
     _HDR.pack_into(mem, 0, answers, rejected, _kernel_drops(socks), 1)
     mem.flush()
     return 0
@@ -645,7 +661,7 @@ def syn_scan_blocking(
     n_hosts, n_ports = len(hosts), len(ports)
     total = n_hosts * n_ports
     rx_socks = _open_receivers(interfaces, sport)
-    shared = _SharedAnswers(total)
+    shared = _SharedAnswers(total, n_hosts)
     tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     nft = _NftDrop(sport) if suppress_kernel_rst else None
     try:
@@ -693,10 +709,13 @@ def syn_scan_blocking(
             for _ in range(retransmissions):
                 if shared.counters()[0] >= total:
                     break
-                missing = _unset_bits(shared.answered_bits(), total)
-                random.shuffle(missing)
-                resent = _send_pass(tx, batches, plans, ports, iter(missing), bucket, jar, sport, report, None,
-                                    total)
+                # Unanswered probes again, in a fresh random order, generated lazily: a
+                # silent /24 scanned in full would otherwise be a list of 16 million.
+                answered = shared.answered_bits()
+                again = Permutation.random(total)
+                missing = (idx for idx in ((again.a * i + again.b) % total for i in range(total))
+                           if not answered[idx >> 3] >> (idx & 7) & 1)
+                resent = _send_pass(tx, batches, plans, ports, missing, bucket, jar, sport, report, None, total)
                 report.retransmitted += resent
                 report.probes_sent += resent
                 _wait_answers(shared, wait_s)
@@ -705,16 +724,13 @@ def syn_scan_blocking(
             if nft is not None:
                 nft.__exit__()
         answers, rejected, drops, _ready = shared.counters()
-        answered_bits, open_bits = shared.answered_bits(), shared.open_bits()
+        answered_per_host, open_bits = shared.answered_per_host(), shared.open_bits()
     finally:
         tx.close()
         for sock in rx_socks:
             sock.close()
         shared.close()
 
-    answered_per_host = [0] * n_hosts
-    for index in _set_bits(answered_bits, total):
-        answered_per_host[index % n_hosts] += 1
     for index in _set_bits(open_bits, total):
         results[plans[index % n_hosts].ip].open.add(ports[index // n_hosts])
     for host_index, plan in enumerate(plans):
@@ -729,24 +745,12 @@ def syn_scan_blocking(
     return results, report
 
 
-def _set_bits(bits: bytes, total: int) -> list[int]:
+def _set_bits(bits: bytes, total: int) -> Iterator[int]:
     """Indices of the set bits (LSB first in each byte) below ``total``."""
-    out: list[int] = []
     for byte_index, byte in enumerate(bits):
         if byte:
             base = byte_index << 3
-            out.extend(base + b for b in range(8) if byte >> b & 1 and base + b < total)
-    return out
-
-
-def _unset_bits(bits: bytes, total: int) -> list[int]:
-    """Indices of the clear bits below ``total``."""
-    out: list[int] = []
-    for byte_index, byte in enumerate(bits):
-        if byte != 0xFF:
-            base = byte_index << 3
-            out.extend(base + b for b in range(8) if not byte >> b & 1 and base + b < total)
-    return out
+            yield from (base + b for b in range(8) if byte >> b & 1 and base + b < total)
 
 
 def _wait_answers(shared: _SharedAnswers, wait_s: float) -> None:

@@ -173,8 +173,9 @@ def stop_capture(proc):
     proc.wait(timeout=10)
 
 
+@pytest.mark.parametrize("discovery", [True, False], ids=["discovery", "no-discovery"])
 @pytest.mark.parametrize("engine", ["syn", "connect"])
-def test_forbidden_and_excluded_targets_are_never_probed(portlab, tmp_path, engine):
+def test_forbidden_and_excluded_targets_are_never_probed(portlab, tmp_path, engine, discovery):
     lab = portlab.lab
     # Give the forbidden addresses something to answer with, so a probe would be seen and answered.
     lab.add_hub_address("127.0.0.5/32")
@@ -185,7 +186,8 @@ def test_forbidden_and_excluded_targets_are_never_probed(portlab, tmp_path, engi
     capture = start_capture(lab, pcap)
     try:
         rc, results, err = run_scan(lab, [*forbidden, excluded_ip, scanned_ip, "--exclude", excluded_ip,
-                                          "--ports", "22,80,443", "--engine", engine, "--no-discovery"])
+                                          "--ports", "22,80,443", "--engine", engine,
+                                          *([] if discovery else ["--no-discovery"])])
     finally:
         time.sleep(0.5)  # let tcpdump write the last packets
         stop_capture(capture)

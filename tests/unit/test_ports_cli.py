@@ -85,10 +85,6 @@ def test_defaults():
         (["10.0.0.1", "--ssh-key", "/nonexistent"], "need --ssh-user"),
         (["10.0.0.1", "--smb-user", "u"], "--smb-password-env"),
         (["10.0.0.1", "--fail-on-severity", "9"], "between 1 and 5"),
-        (["10.0.0.1", "--ssh-user", "root"], "not available yet"),
-        (["10.0.0.1", "--ssh-user", "root", "--sudo"], "not available yet"),
-        (["10.0.0.1", "--kb", __file__], "not available yet"),
-        (["10.0.0.1", "--fail-on-severity", "4"], "not available yet"),
         (["10.0.0.300"], "not an IP address"),
         (["10.0.0.0/8"], "more than the 65,536 allowed per block"),
     ],
@@ -141,3 +137,20 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
         bar("scanning", 5, 10)
         bar.clear()
     assert (tmp_path / "f").read_text() == ""
+
+
+def test_internal_failure_exits_1(monkeypatch, capsys):
+    async def broken(*_args, **_kwargs):
+        raise RuntimeError("the engine broke")
+
+    monkeypatch.setattr(command, "scan_targets", broken)
+    assert command.run(parse("10.0.0.1")) == command.EXIT_INTERNAL
+    assert "internal failure: RuntimeError: the engine broke" in capsys.readouterr().err
+
+
+def test_bad_configuration_exits_2(monkeypatch, tmp_path, capsys):
+    bad = tmp_path / "appliance.toml"
+    bad.write_text("[scan]\nallow_targets = ['not-a-cidr']\n")
+    monkeypatch.setenv("VSA_CONFIG", str(bad))
+    assert command.run(parse("10.0.0.1")) == command.EXIT_USAGE
+    assert "scan.allow_targets" in capsys.readouterr().err

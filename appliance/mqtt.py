@@ -409,6 +409,9 @@ class MqttChannel:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure is retried: the broker is never a dependency
+                if self._stop.is_set():
+                    log.info("MQTT broker %s: the session ended on %s while stopping", settings.display, exc)
+                    return
                 was_up = self._session_up
                 self._session_up = False
                 self._queue = None

@@ -234,3 +234,56 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---- vsa hostkeys list | forget HOST_KEY ------------------------------------------------------
+
+
+def main(args: object) -> int:
+    """``vsa hostkeys list|forget [HOST_KEY]``: the pins under ``state.dir`` (``--config`` honoured).
+
+    Exit status: 0 done (``list`` with or without pins; ``forget`` removed the
+    pin), 1 when ``forget`` found no pin for that host (a mistyped host key must
+    not pass silently) or the state directory cannot be used, 2 for bad arguments.
+    """
+    import sys
+
+    from appliance.config import load_config
+    from appliance.errors import ConfigError
+
+    action = getattr(args, "action", None)
+    host_key = getattr(args, "host_key", None)
+    try:
+        config = load_config(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"vsa hostkeys: error: {exc}", file=sys.stderr)
+        return 2
+    pins = HostKeyPins(config.state_dir)
+    try:
+        if action == "list":
+            if host_key:
+                print("vsa hostkeys: error: list takes no host key", file=sys.stderr)
+                return 2
+            found = pins.pins()
+            if not found:
+                print(f"no pinned SSH host keys in {pins.dir}")
+                return 0
+            for pin in found:
+                print(f"{pin.host_key}\t{pin.key_type}\t{pin.fingerprint}\tpinned {pin.pinned_at}")
+            return 0
+        if action == "forget":
+            if not host_key:
+                print("vsa hostkeys: error: forget needs the HOST_KEY (instance ID or IP) whose pin to drop",
+                      file=sys.stderr)
+                return 2
+            if pins.forget(host_key):
+                print(f"forgot the pinned host key of {host_key}; the next scan pins the key it is shown")
+                return 0
+            print(f"vsa hostkeys: no pinned host key for {host_key} in {pins.dir} "
+                  "(see `vsa hostkeys list`)", file=sys.stderr)
+            return 1
+    except StateError as exc:
+        print(f"vsa hostkeys: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"vsa hostkeys: error: unknown action {action!r}; use list or forget", file=sys.stderr)
+    return 2

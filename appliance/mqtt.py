@@ -101,26 +101,44 @@ class EventPublisher(Protocol):
     def publish_progress(self, job_id: str, phase: str, hosts_total: int, hosts_done: int) -> None:
         """Queue one progress event and return at once; dropped while no broker is connected.
 
-        Never blocks and never raises for the network; raises
-        :class:`ProgressEventError` (a ``ValueError``) when ``phase`` is not one of
-        ``resolving``, ``discovery``, ``scanning``, ``uploading`` or the counts are
-        not whole numbers with ``0 <= hosts_done <= hosts_total``. Safe to call
-        from the event loop or from any thread.
+        Never blocks and never raises: an event the protocol does not allow
+        (``phase`` not one of ``resolving``, ``discovery``, ``scanning``,
+        ``uploading``; counts not whole numbers with ``0 <= hosts_done <= hosts_total``)
+        is logged as a warning and dropped, because progress is best effort and
+        must never disturb a scan. Safe to call from the event loop or any thread.
         """
         ...
 
 
 class NullPublisher:
-    """An :class:`EventPublisher` that checks each event and drops it (no broker; tests)."""
+    """An :class:`EventPublisher` that checks each event and drops it (no broker; tests).
 
-    def __init__(self) -> None:
+    With ``strict`` a malformed event raises :class:`ProgressEventError` (for the
+    job engine's own tests); otherwise it is logged, as the real channel does.
+    """
+
+    def __init__(self, *, strict: bool = False) -> None:
         """Count what was dropped, for tests."""
+        self.strict = strict
         self.dropped = 0
+        self.rejected = 0
 
     def publish_progress(self, job_id: str, phase: str, hosts_total: int, hosts_done: int) -> None:
         """Check the event as the real channel does, then drop it."""
-        progress_payload(job_id, phase, hosts_total, hosts_done)
+        if checked_payload(job_id, phase, hosts_total, hosts_done, strict=self.strict) is None:
+            self.rejected += 1
         self.dropped += 1
+
+
+def checked_payload(job_id: str, phase: str, hosts_total: int, hosts_done: int, *, strict: bool) -> bytes | None:
+    """:func:`progress_payload`, or None (with a warning) for an event the protocol does not allow."""
+    try:
+        return progress_payload(job_id, phase, hosts_total, hosts_done)
+    except ProgressEventError as exc:
+        if strict:
+            raise
+        log.warning("progress event not published (a bug in its sender): %s", exc)
+        return None
 
 
 # --- pure logic ---
@@ -300,6 +318,7 @@ class MqttChannel:
         self.rng = rng or random.Random()
         self.settings: BrokerSettings | None = None
         self.dropped = 0  # progress events dropped (no broker, or the queue was full)
+        self.rejected = 0  # malformed progress events (logged, never raised)
         self._identity_key: tuple[Any, ...] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -319,7 +338,10 @@ class MqttChannel:
 
     def publish_progress(self, job_id: str, phase: str, hosts_total: int, hosts_done: int) -> None:
         """Queue one progress event for ``events_topic`` (QoS 0); dropped while disconnected."""
-        payload = progress_payload(job_id, phase, hosts_total, hosts_done)
+        payload = checked_payload(job_id, phase, hosts_total, hosts_done, strict=False)
+        if payload is None:
+            self.rejected += 1
+            return
         loop = self._loop
         if loop is None or self._queue is None or loop.is_closed():
             self.dropped += 1

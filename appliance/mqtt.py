@@ -503,9 +503,10 @@ class MqttChannel:
                     log.info("MQTT broker %s: could not publish offline (%s); its last will says it", settings.display, exc)
                 self._session_up = False
                 return
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            for finished in done:
+                error = None if finished.cancelled() else finished.exception()
+                if error is not None:
+                    raise error
             raise _Lost("the broker closed the connection")
 
     async def _read(self, client: Any, settings: BrokerSettings) -> None:

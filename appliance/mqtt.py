@@ -390,6 +390,7 @@ class MqttChannel:
             return
         self._stop = asyncio.Event()
         self._connected_once = False
+        self._said_state = None  # a new identity (or broker) is news for the console again
         self._task = asyncio.create_task(self._run(settings, identity), name="vsa-mqtt")
 
     async def aclose(self) -> None:

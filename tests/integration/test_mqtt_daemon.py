@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +167,63 @@ def test_broker_down_polls_go_on_said_once_then_mqtt_url_broker_is_used(lab: Dae
     assert lab.stop_daemon() == 0
     assert retained_status(lab, broker, appliance_id) == "offline"
     assert lab.run_console().count(": connected (") == 1
+
+
+class StatusWatcher:
+    """Collects every message on a status topic, in a thread of its own, while the test drives the daemon."""
+
+    def __init__(self, lab: DaemonLab, broker: MosquittoBroker, appliance_id: str) -> None:
+        assert lab.platform is not None
+        self.ctx = observer_tls(lab.platform, lab.tmp / "watcher")
+        self.port = broker.port
+        self.topic = f"vsa/{appliance_id}/status"
+        self.seen: list[str] = []
+        self.subscribed = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._watch()), daemon=True)
+
+    async def _watch(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.port, tls_context=self.ctx, timeout=WAIT_S,
+                                  identifier=f"watcher-{time.monotonic_ns()}") as client:
+            await client.subscribe(self.topic, qos=1)
+            self.subscribed.set()
+            while not self._stop.is_set():
+                try:
+                    async with asyncio.timeout(0.2):
+                        message = await anext(aiter(client.messages))
+                except TimeoutError:
+                    continue
+                self.seen.append(bytes(message.payload).decode())  # type: ignore[arg-type]
+
+    def __enter__(self) -> StatusWatcher:
+        self._thread.start()
+        assert self.subscribed.wait(WAIT_S)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(WAIT_S)
+
+
+def test_a_forgotten_appliance_goes_offline_and_comes_back_with_its_new_certificate(
+    lab: DaemonLab, broker: MosquittoBroker
+) -> None:
+    assert lab.platform is not None
+    broker.start()
+    lab.platform.set_mqtt(broker.url)
+    lab.set_user_data(f"PERSCODE={lab.platform.create_perscode()}\n")
+    lab.start_daemon()
+    appliance_id = lab.wait_for(r"^vsa: registered with the platform: appliance ID (\S+)$").group(1)
+    lab.wait_for(r"^vsa: MQTT broker .*: connected")
+    old_cert = (lab.state_dir / "identity" / "certificate.pem").read_bytes()
+    with StatusWatcher(lab, broker, appliance_id) as watcher:
+        lab.wait_until(lambda: watcher.seen == ["online"], timeout_s=WAIT_S, what="the retained online")
+        lab.platform.forget_appliance(appliance_id)
+        lab.platform.wake(appliance_id)  # the next poll, at once, is answered 401
+        lab.wait_for(r"the platform does not know this appliance any more \(401 unknown_appliance")
+        lab.wait_for(r"^vsa: registered with the platform: appliance ID (\S+)$", count=2)
+        lab.wait_until(lambda: watcher.seen == ["online", "offline", "online"], timeout_s=WAIT_S,
+                       what="offline with the old certificate, online with the new one")
+    assert (lab.state_dir / "identity" / "certificate.pem").read_bytes() != old_cert
+    assert lab.run_console().count(": connected (") == 2
+    assert lab.stop_daemon() == 0

@@ -12,9 +12,9 @@ Exit status: 0 when the scan ran (whatever it found), 3 when
 error names each host and advisory), 2 for bad arguments (a bad ``--kb`` file
 included), 1 for an internal failure. ``--check-auth`` scans nothing but the
 credentials: for each host and record it prints whether connect, authenticate,
-root and the collectors work and exactly why not; exit 0 when every targeted
-host passed every check, 1 otherwise (a host that is down or out of scope has
-not passed).
+root and the collectors work and exactly why not; a host passes when one of
+its records passes every step; exit 0 when every targeted host passed, 1
+otherwise (a host that is down or out of scope has not passed).
 
 Secrets (SSH key passphrase, SSH password, sudo or root password, SMB
 password) come only from environment variables named on the command line,
@@ -372,34 +372,45 @@ def _now() -> str:
 
 def preflight_text(results: Sequence[HostResult],
                    reports: dict[str, list[PreflightReport]]) -> tuple[list[str], bool]:
-    """The ``--check-auth`` lines for every target, and whether every target passed."""
+    """The ``--check-auth`` lines for every target, and whether every target passed.
+
+    A host passes when one of the records applying to it passes every step (the
+    options' records apply to every target, so a mixed list of Linux and Windows
+    hosts can be checked at once); the lines show every record's steps.
+    """
     lines: list[str] = []
-    passed = True
+    good = 0
     for result in results:
         if result.status != "scanned":
             why = f"{result.status} ({result.reason})" if result.reason else result.status
             if result.status == "down":
                 why += ": no answer to discovery (try --no-discovery)"
             lines.append(f"{result.host_key}: {why}; not checked")
-            passed = False
             continue
-        for rep in reports.get(result.host_key, []):
+        host_reports = reports.get(result.host_key, [])
+        for rep in host_reports:
             lines.extend(rep.lines())
-            passed = passed and rep.ok
+        if any(rep.ok for rep in host_reports):
+            good += 1
+        else:
+            lines.append(f"{result.host_key}: no record passed every step")
     total = len(results)
-    good = sum(1 for r in results if r.status == "scanned"
-               and all(rep.ok for rep in reports.get(r.host_key, [])))
     lines.append(f"{good} of {total} host{'s' if total != 1 else ''} passed the authentication checks")
-    return lines, passed
+    return lines, good == total
 
 
 def blind_spots(results: Sequence[HostResult], records: Sequence[AuthRecord]) -> list[str]:
-    """Scanned hosts whose packages the gate could not judge (no unix login worked), in words."""
+    """Scanned hosts whose packages the gate could not judge (no unix login worked), in words.
+
+    A host where a windows record logged in is a Windows host: not listed.
+    """
     if not any(r.type == "unix" for r in records):
         return []
     lines = []
     for result in results:
         if result.status != "scanned" or result.packages is not None:
+            continue
+        if any(a.type == "windows" and a.status == "success" for a in result.auth):
             continue
         tried = [a for a in result.auth if a.type == "unix" and a.record_id is not None]
         why = "; ".join(f"{a.status}: {a.message}" for a in tried) or "no unix login"

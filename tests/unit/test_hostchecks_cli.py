@@ -165,7 +165,11 @@ def test_preflight_text_passes_only_when_every_target_passed() -> None:
     assert not passed
     assert "  FAIL authenticate: refused" in lines
     assert "10.0.0.4: down: no answer to discovery (try --no-discovery); not checked" in lines
+    assert "10.0.0.3: no record passed every step" in lines
     assert lines[-1] == "1 of 3 hosts passed the authentication checks"
+    # One passing record per host is enough (a Linux and a Windows record on a mixed list).
+    lines, passed = command.preflight_text(results[:1], {"10.0.0.2": [bad, ok]})
+    assert passed and lines[-1] == "1 of 1 host passed the authentication checks"
 
 
 def test_blind_spots_name_hosts_whose_packages_the_gate_could_not_see() -> None:
@@ -179,3 +183,7 @@ def test_blind_spots_name_hosts_whose_packages_the_gate_could_not_see() -> None:
     assert command.blind_spots([seen, blind], [rec]) == [
         "10.0.0.3: no packages collected (failed: key 1 refused); the gate could not judge its packages"]
     assert command.blind_spots([blind], []) == []
+    windows_host = HostResult(Target("10.0.0.4"), "scanned", auth=[
+        AuthOutcome("cli", "unix", "error", False, "port 22/tcp was not open"),
+        AuthOutcome("cli-windows", "windows", "success", False, "NTLMv2 login accepted")])
+    assert command.blind_spots([windows_host], [rec]) == []

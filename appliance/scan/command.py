@@ -200,6 +200,18 @@ def records_from(args: argparse.Namespace) -> list[AuthRecord]:
     return records
 
 
+def check_state_dir(state_dir: Path) -> None:
+    """SSH host keys are pinned under ``state.dir``: it must be usable before any login."""
+    hint = "set state.dir with --config FILE or VSA_STATE_DIR"
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"state.dir {state_dir} cannot be created ({exc.strerror}): SSH host keys "
+                         f"could not be pinned; {hint}") from None
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"state.dir {state_dir} is not writable: SSH host keys could not be pinned; {hint}")
+
+
 def load_kb(path: str | None) -> KnowledgeBase | None:
     """The knowledge base of ``--kb``, or a :class:`UsageError` saying why it cannot be used."""
     if path is None:
@@ -256,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
         records = records_from(args)
         kb = load_kb(args.kb)
         config = load_config(getattr(args, "config", None))
+        if any(r.type == "unix" for r in records):
+            check_state_dir(config.state_dir)
         parallel = args.max_parallel_hosts or config.max_parallel_hosts or DEFAULT_PARALLEL_HOSTS
         tcp_ports = portlists.tcp_ports(args.ports)
         if args.check_auth:

@@ -187,3 +187,16 @@ def test_blind_spots_name_hosts_whose_packages_the_gate_could_not_see() -> None:
         AuthOutcome("cli", "unix", "error", False, "port 22/tcp was not open"),
         AuthOutcome("cli-windows", "windows", "success", False, "NTLMv2 login accepted")])
     assert command.blind_spots([windows_host], [rec]) == []
+
+
+def test_an_unusable_state_dir_is_said_before_any_login(tmp_path: Path, key: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("VSA_CONFIG", "")
+    monkeypatch.setenv("VSA_STATE_DIR", str(blocker / "state"))
+    args = parse("192.0.2.1", "--ssh-user", "u", "--ssh-key", str(key))
+    assert command.run(args) == command.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"state.dir {blocker / 'state'} cannot be created" in err and "VSA_STATE_DIR" in err

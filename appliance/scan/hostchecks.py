@@ -178,7 +178,8 @@ def best_unix(checks: Sequence[UnixCheck]) -> UnixCheck | None:
     """The check whose inventory the host keeps: privileged success first, then any success."""
     successes = [c for c in checks if c.auth.status == "success"]
     privileged = [c for c in successes if c.auth.privileged]
-    return (privileged or successes or [None])[0]
+    chosen = privileged or successes
+    return chosen[0] if chosen else None
 
 
 # ---- the per-host step ----------------------------------------------------------------
@@ -236,7 +237,8 @@ def complete_auth(result: HostResult, records: Sequence[AuthRecord], words: str)
     ip = result.target.ip
     unix, windows = applying_records(ip, records)
     have = {(a.record_id, a.type) for a in result.auth}
-    for record in (*unix, *windows):
+    applying: list[AuthRecord] = [*unix, *windows]
+    for record in applying:
         if (record.id, record.type) not in have:
             result.auth.append(AuthOutcome(record.id, record.type, "error", False, words))
     for entry in not_applicable_entries(ip, records):

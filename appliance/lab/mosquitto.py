@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from appliance.lab.platform.mqtt import PLATFORM_MQTT_CN  # the platform's own client certificate
+
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 READY_POLL_S = 0.05
@@ -54,12 +56,41 @@ def mosquitto_binary() -> str | None:
     )
 
 
-def broker_config(port: int, tls: BrokerTls | None, *, require_certificate: bool = True) -> str:
+
+
+def broker_acl(observers: tuple[str, ...] = ()) -> str:
+    """A least-privilege ACL for certificate users (pure): what PROTOCOL.md's MQTT section needs, no more.
+
+    Each appliance (user = its certificate's CN = its appliance ID) may read only
+    its own wake topic and write only its own events and status topics; the
+    platform may wake any appliance and read every event and status;
+    ``observers`` (tests, dashboards) may read everything under ``vsa/``.
+    """
+    lines = [
+        f"user {PLATFORM_MQTT_CN}",
+        "topic write vsa/+/wake",
+        "topic read vsa/+/events",
+        "topic read vsa/+/status",
+    ]
+    for name in observers:
+        lines += [f"user {name}", "topic readwrite vsa/#"]
+    lines += [
+        "pattern read vsa/%u/wake",
+        "pattern write vsa/%u/events",
+        "pattern write vsa/%u/status",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def broker_config(
+    port: int, tls: BrokerTls | None, *, require_certificate: bool = True, acl_file: Path | None = None
+) -> str:
     """The text of a lab ``mosquitto.conf`` (pure).
 
     With ``tls``: one TLS listener that demands a client certificate signed by
     ``tls.ca_file`` and takes the certificate's common name as the user name.
     Without: a plain listener open to anonymous clients (LAB-NOTES: say so explicitly).
+    With ``acl_file``: topic access as that file says (see :func:`broker_acl`).
     """
     lines = [
         "user root",  # LAB-NOTES: mosquitto reads the key after dropping privileges
@@ -86,6 +117,8 @@ def broker_config(port: int, tls: BrokerTls | None, *, require_certificate: bool
             lines.append("use_identity_as_username true")
         else:
             lines.append("allow_anonymous true")
+    if acl_file is not None:
+        lines.append(f"acl_file {acl_file}")
     return "\n".join(lines) + "\n"
 
 
@@ -99,15 +132,26 @@ class MosquittoBroker:
         tls: BrokerTls | None,
         port: int | None = None,
         require_certificate: bool = True,
+        acl_observers: tuple[str, ...] | None = None,
     ) -> None:
-        """Prepare the broker's folder and configuration; nothing runs until :meth:`start`."""
+        """Prepare the broker's folder and configuration; nothing runs until :meth:`start`.
+
+        ``acl_observers``: None for no ACL (any client may use any topic), else
+        the least-privilege ACL of :func:`broker_acl` with these observer names.
+        """
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.port = port or free_port()
         self.config_path = self.directory / "mosquitto.conf"
         self.log_path = self.directory / "mosquitto.log"
-        self.config_path.write_text(broker_config(self.port, tls, require_certificate=require_certificate))
+        acl_file = None
+        if acl_observers is not None:
+            acl_file = self.directory / "acl"
+            acl_file.write_text(broker_acl(acl_observers))
+        self.config_path.write_text(
+            broker_config(self.port, tls, require_certificate=require_certificate, acl_file=acl_file)
+        )
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

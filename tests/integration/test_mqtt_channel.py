@@ -53,7 +53,8 @@ def _tls(platform: Platform, directory: Path) -> BrokerTls:
 @pytest.fixture
 def broker(platform: Platform, tmp_path: Path) -> Iterator[MosquittoBroker]:
     require_tool("mosquitto")
-    with MosquittoBroker(tmp_path / "broker", tls=_tls(platform, tmp_path / "broker")) as mosquitto:
+    with MosquittoBroker(tmp_path / "broker", tls=_tls(platform, tmp_path / "broker"),
+                         acl_observers=("test-observer",)) as mosquitto:  # appliances: their own topics only
         platform.set_mqtt(mosquitto.url)
         yield mosquitto
 
@@ -236,3 +237,21 @@ async def test_a_broker_whose_certificate_is_not_from_the_platform_ca_is_not_tru
         stranger.close()
     assert "its TLS certificate is not trusted" in console.getvalue()
     assert console.getvalue().count("vsa: ") == 1
+
+
+async def test_the_lab_acl_holds_an_appliance_to_its_own_topics(platform: Platform, broker: MosquittoBroker,
+                                                                tmp_path: Path) -> None:
+    # Every test here runs under that ACL, so the channel provably stays within its own topics.
+    identity = registered_identity(platform, tmp_path / "state")
+    ctx = ssl.create_default_context(cafile=str(platform.ca_file))
+    ctx.load_cert_chain(str(identity.cert_path), str(identity.key_path))
+    async with observer(platform, broker, tmp_path, "vsa/#") as watcher:
+        async with aiomqtt.Client("127.0.0.1", broker.port, tls_context=ctx, identifier=APPLIANCE_ID,
+                                  timeout=WAIT_S) as appliance:
+            await appliance.publish("vsa/vsa-other/status", b"offline", qos=1)  # not its own: dropped
+            await appliance.publish("vsa/vsa-other/wake", b"x", qos=1)  # waking others: dropped
+            await appliance.publish(EVENTS, b"{}", qos=1)  # its own: delivered
+        message = await next_message(watcher)
+        assert str(message.topic) == EVENTS
+        with pytest.raises(TimeoutError):
+            await next_message(watcher, timeout_s=0.5)

@@ -42,7 +42,8 @@ def broker(lab: DaemonLab, tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A broker with a certificate from the platform's CA, prepared but not started."""
     assert lab.platform is not None
     files = broker_files(lab.platform, tmp_path / "broker", ["127.0.0.1"])
-    mosquitto = MosquittoBroker(tmp_path / "broker", tls=BrokerTls(files.ca_file, files.cert_file, files.key_file))
+    mosquitto = MosquittoBroker(tmp_path / "broker", tls=BrokerTls(files.ca_file, files.cert_file, files.key_file),
+                                acl_observers=("test-observer",))  # appliances limited to their own topics
     yield mosquitto
     mosquitto.stop()
 

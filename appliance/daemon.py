@@ -54,7 +54,7 @@ from appliance.platform.client import (
 from appliance.platform.http import ProxySettings
 from appliance.platform.messages import Capabilities, PollRequest, PollResponse, RegisterRequest
 from appliance.platform.retry import Backoff, Timings, poll_wait_s
-from appliance.platform.sink import ConsoleJobSink, JobSink, PollWaker
+from appliance.platform.sink import JobSink, PollWaker
 from appliance.state.identity import Identity, IdentityStore, binding_verdict, clone_message
 from appliance.state.runtime import StatusFile, later_iso, now_iso
 from appliance.userdata import ProxySpec, UserData, parse_user_data
@@ -789,8 +789,9 @@ def build_daemon(
 ) -> Daemon:
     """Build every collaborator and hand them to a :class:`Daemon` (the composition root).
 
-    ``sink_factory`` builds the job engine; without it the console stand-in
-    (:class:`ConsoleJobSink`) says what is offered and accepts nothing.
+    ``sink_factory`` builds the job sink; without it the job engine
+    (:func:`appliance.scan.engine.build_engine`) runs the jobs. The console
+    stand-in :class:`ConsoleJobSink` remains for tests that want no engine.
     """
     from appliance.aws.imds import ImdsClient  # late: keeps `vsa status` light
 
@@ -819,12 +820,17 @@ def build_daemon(
                        platform_ca_file=config.platform_ca_file, status=status,
                        reconnect=timings.backoff(min(MQTT_RECONNECT_CAP_S, timings.default_poll_interval_s)))
     context = SinkContext(config=config, console=console, store=store, waker=waker, events=mqtt)
-    return Daemon(
+    if sink_factory is None:
+        from appliance.scan.engine import build_engine  # late: keeps `vsa status` light
+
+        sink_factory = build_engine
+    sink = sink_factory(context)
+    daemon = Daemon(
         config=config,
         console=console,
         store=store,
         status=status,
-        sink=sink_factory(context) if sink_factory else ConsoleJobSink(console),
+        sink=sink,
         waker=waker,
         notifier=Notifier(environ),
         timings=timings,
@@ -834,6 +840,9 @@ def build_daemon(
         capabilities=capabilities(config),
         mqtt=mqtt,
     )
+    if hasattr(sink, "publish"):
+        sink.publish = daemon.publish_work  # the engine refreshes `vsa status` between polls
+    return daemon
 
 
 def main(args: argparse.Namespace) -> int:

@@ -239,6 +239,14 @@ class Spool:
         rows = self._db.execute(query, (*args, limit)).fetchall()
         return [SpooledResult(r[0], r[1], int(r[2]), json.loads(r[3])) for r in rows]
 
+    def results(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Every spooled result body of the job (sent or not), in the order they were spooled."""
+        rows = self._db.execute(
+            "SELECT body FROM results WHERE job_id = ? ORDER BY rowid", (job_id,)
+        ).fetchall()
+        for row in rows:
+            yield json.loads(row[0])
+
     def host_keys(self, job_id: str) -> list[str]:
         """Every host of the job that has a result in the spool (sent or not)."""
         rows = self._db.execute(

@@ -1,0 +1,379 @@
+"""The job engine end to end: `vsa run` as a real process, inside a namespace lab, against the reference platform.
+
+Everything runs in the lab's hub namespace: the reference platform (a child
+process on the hub's 127.0.0.1), the daemon (``vsa run`` with IMDS disabled
+and ``--user-data``), and so every probe the daemon sends stays on the lab
+bridge. The test process drives the platform through its SQLite store (the
+admin :class:`Platform` handle): submit jobs, inject faults, read the request
+log and the results.
+
+"Mid-job" is made deterministic with slow jobs: many silent addresses scanned
+two at a time (each batch waits for discovery to give up on them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.lab.netns import NetnsLab, lab_available
+from appliance.lab.platform.admin import Platform
+from appliance.lab.portlab import PortLab, build_port_lab
+from tests.conftest import require
+
+REPO = Path(__file__).resolve().parents[2]
+VSA = REPO / ".venv" / "bin" / "vsa"
+SILENT_BASE = 100  # 10.77.0.100.. : addresses with no host (discovery gives up on them)
+
+
+def vsa_argv() -> list[str]:
+    """The venv's `vsa` (else the CLI by module)."""
+    return [str(VSA)] if VSA.exists() else [sys.executable, "-m", "appliance.cli"]
+
+
+@pytest.fixture(scope="module")
+def port_lab() -> Iterator[PortLab]:
+    """Three answering hosts, one that drops everything, one empty address; shared by the module."""
+    reason = lab_available()
+    require(reason is None, reason or "")
+    with NetnsLab() as lab:
+        yield build_port_lab(lab, answering=3, ports_per_host=3, dropping=True, empty=True)
+
+
+class EngineLab:
+    """The reference platform and the daemon, both in the hub namespace of ``port_lab``."""
+
+    def __init__(self, tmp: Path, portlab: PortLab) -> None:
+        self.tmp = tmp
+        self.portlab = portlab
+        self.lab = portlab.lab
+        self.platform_dir = tmp / "platform"
+        self.state_dir = tmp / "state"
+        self.stdout_path = tmp / "daemon.stdout"
+        self.stderr_path = tmp / "daemon.stderr"
+        self.platform_proc: subprocess.Popen[bytes] | None = None
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self._run_offset = 0
+        Platform.init(self.platform_dir, poll_interval_s=2).close()
+        self.platform = Platform(self.platform_dir)
+        self.perscode = self.platform.create_perscode()
+
+    # --- the platform process ---
+
+    def start_platform(self) -> None:
+        """Serve in the hub on 127.0.0.1 (the same port again after a restart)."""
+        port_file = self.tmp / "platform.port"
+        port_file.unlink(missing_ok=True)
+        self.platform_proc = self.lab.popen(self.lab.hub, [
+            sys.executable, "-m", "appliance.lab.platform", "serve", "--data-dir", str(self.platform_dir),
+            "--host", "127.0.0.1", "--port", str(self.port), "--port-file", str(port_file)],
+            stdout=open(self.tmp / "platform.log", "ab"), stderr=subprocess.STDOUT, cwd=REPO)  # noqa: SIM115
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text().strip():
+            assert self.platform_proc.poll() is None, (self.tmp / "platform.log").read_text()
+            assert time.monotonic() < deadline, "the platform did not start"
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+
+    def stop_platform(self) -> None:
+        """Stop the platform process (it becomes unreachable)."""
+        if self.platform_proc is not None and self.platform_proc.poll() is None:
+            self.platform_proc.send_signal(signal.SIGTERM)
+            self.platform_proc.wait(20)
+        self.platform_proc = None
+
+    # --- the daemon ---
+
+    def start_daemon(self, **env: str) -> None:
+        """``vsa run`` in the hub with test timings; stdout/stderr appended across runs."""
+        config = self.tmp / "appliance.toml"
+        config.write_text("\n".join([
+            "[platform]", f'url = "https://127.0.0.1:{self.port}"', f'ca_file = "{self.platform.ca_file}"',
+            "[state]", f'dir = "{self.state_dir}"',
+            "[imds]", "disabled = true",
+            "[aws]", 'sts_endpoint = "http://127.0.0.1:9"', 'ec2_endpoint = "http://127.0.0.1:9"',
+        ]) + "\n")
+        user_data = self.tmp / "user-data"
+        user_data.write_text(f"PERSCODE={self.perscode}\n")
+        environ = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("VSA_", "AWS_", "NOTIFY_SOCKET", "WATCHDOG_", "HTTP_PROXY", "HTTPS_PROXY",
+                                        "http_proxy", "https_proxy"))}
+        environ.update({"VSA_POLL_INTERVAL_FLOOR_S": "1", "VSA_WAIT_CAP_S": "2", "PYTHONUNBUFFERED": "1",
+                        "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE", "AWS_SECRET_ACCESS_KEY": "lab-secret-key",
+                        **env})
+        self._run_offset = self.stdout_path.stat().st_size if self.stdout_path.exists() else 0
+        self.daemon = self.lab.popen(
+            self.lab.hub, [*vsa_argv(), "run", "--config", str(config), "--user-data", str(user_data)],
+            stdout=open(self.stdout_path, "ab"), stderr=open(self.stderr_path, "ab"),  # noqa: SIM115
+            env=environ, cwd=self.tmp)
+
+    def kill_daemon(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the daemon with ``sig`` and wait for it."""
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(sig)
+            try:
+                self.daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait(10)
+        self.daemon = None
+
+    def close(self) -> None:
+        """Stop both processes and the admin handle."""
+        self.kill_daemon(signal.SIGTERM)
+        self.stop_platform()
+        self.platform.close()
+
+    def console(self) -> str:
+        """The daemon's standard output, every run."""
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def diagnostics(self) -> str:
+        """Console and the tail of the journal, for assertion messages."""
+        journal = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        return f"console:\n{self.console()}\njournal (tail):\n{journal[-4000:]}"
+
+    def wait_for(self, predicate: Any, timeout_s: float, what: str) -> Any:
+        """Wait until ``predicate()`` is truthy; fail with the daemon's words otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if self.daemon is not None and self.daemon.poll() is not None:
+                raise AssertionError(f"the daemon exited ({self.daemon.returncode}) before {what}\n{self.diagnostics()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n{self.diagnostics()}")
+            time.sleep(0.1)
+
+    # --- the platform's view ---
+
+    def job_state(self, job_id: str) -> str:
+        """The platform's state of the job (queued, accepted, completed, canceled)."""
+        return str(self.platform.results(job_id)["state"])
+
+    def wait_completed(self, job_id: str, timeout_s: float = 90) -> dict[str, Any]:
+        """Wait until the platform holds the job's completion; return the report."""
+        self.wait_for(lambda: self.job_state(job_id) == "completed", timeout_s, f"job {job_id} completed")
+        return self.platform.results(job_id)
+
+    def puts(self, job_id: str, status: int | None = None) -> dict[str, int]:
+        """How many PUTs each host key of the job got (answered ``status``, or any)."""
+        filters: dict[str, Any] = {"method": "PUT", "path_re": rf"^/vsa/v1/jobs/{job_id}/hosts/"}
+        if status is not None:
+            filters["status"] = status
+        counts: dict[str, int] = {}
+        for row in self.platform.requests(**filters):
+            key = row["path"].rsplit("/", 1)[1]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def heartbeat(self) -> dict[str, Any]:
+        """The last poll's body as the platform recorded it (empty before the first poll)."""
+        appliances = self.platform.list_appliances()
+        return (appliances[-1].get("heartbeat") or {}) if appliances else {}
+
+    def accepted_puts(self, job_id: str) -> dict[str, int]:
+        """PUTs the platform answered 2xx, per host key."""
+        counts: dict[str, int] = {}
+        for status in (200, 201):
+            for key, n in self.puts(job_id, status).items():
+                counts[key] = counts.get(key, 0) + n
+        return counts
+
+
+@pytest.fixture
+def engine_lab(tmp_path: Path, port_lab: PortLab) -> Iterator[EngineLab]:
+    """Platform up, daemon registered and polling."""
+    lab = EngineLab(tmp_path, port_lab)
+    try:
+        lab.start_platform()
+        lab.start_daemon()
+        lab.wait_for(lambda: "registered with the platform" in lab.console(), 60, "registration")
+        yield lab
+    finally:
+        lab.close()
+
+
+def silent(count: int) -> list[str]:
+    """``count`` lab addresses with no host behind them."""
+    return [f"10.77.0.{SILENT_BASE + i}" for i in range(count)]
+
+
+def slow_job(portlab: PortLab, silent_count: int, **options: Any) -> dict[str, Any]:
+    """A discovery job over the lab's hosts and ``silent_count`` empty addresses, two hosts at a time."""
+    return {
+        "type": "discovery",
+        "title": "engine test",
+        "targets": {"ips": [*portlab.answering_ips, *silent(silent_count)]},
+        "options": {"tcp_ports": "light", "max_parallel_hosts": 2, "host_timeout_s": 60, "rate_pps": 2000,
+                    **options},
+    }
+
+
+def assert_exactly_once(lab: EngineLab, job_id: str, report: dict[str, Any], expected: set[str]) -> None:
+    """Every targeted host has one result at the platform, accepted from exactly one PUT."""
+    assert set(report["hosts"]) == expected, lab.diagnostics()
+    accepted = lab.accepted_puts(job_id)
+    assert set(accepted) == expected
+    assert all(n == 1 for n in accepted.values()), {k: n for k, n in accepted.items() if n != 1}
+    assert sorted(report["completion"]["host_keys"]) == sorted(expected)
+
+
+def test_plain_ips_job_completes_with_one_result_per_target(engine_lab: EngineLab) -> None:
+    portlab = engine_lab.portlab
+    assert portlab.dropping_ip and portlab.empty_ip
+    ips = [*portlab.answering_ips, portlab.dropping_ip, portlab.empty_ip, "10.77.0.1", "127.0.0.1"]
+    job_id = engine_lab.platform.submit_job({
+        "type": "discovery", "title": "plain ips",
+        "targets": {"ips": ips}, "exclude": [portlab.answering_ips[-1]],
+        "options": {"tcp_ports": "light", "host_timeout_s": 60},
+    })
+    report = engine_lab.wait_completed(job_id, 120)
+    assert_exactly_once(engine_lab, job_id, report, set(ips))
+    hosts = report["hosts"]
+    for ip in portlab.answering_ips[:-1]:
+        assert hosts[ip]["status"] == "scanned"
+        assert {p["port"] for p in hosts[ip]["ports"]} == set(portlab.open_ports[ip])
+        assert hosts[ip]["auth"] == [] and hosts[ip]["packages"] is None
+    assert hosts[portlab.answering_ips[-1]]["status"] == "excluded"
+    assert hosts[portlab.answering_ips[-1]]["reason"] == "excluded_by_job"
+    assert hosts["10.77.0.1"] == hosts["10.77.0.1"] | {"status": "excluded", "reason": "out_of_scope"}
+    assert hosts["127.0.0.1"]["status"] == "excluded" and hosts["127.0.0.1"]["reason"] == "out_of_scope"
+    assert hosts[portlab.empty_ip]["status"] == "down"
+    completion = report["completion"]
+    alive = len(portlab.answering_ips) - 1 + (hosts[portlab.dropping_ip]["status"] == "scanned")
+    assert completion["status"] == "finished" and completion["reason"] is None
+    assert completion["summary"] == {"hosts_targeted": len(ips), "hosts_alive": alive, "hosts_excluded": 3,
+                                     "hosts_scanned": alive, "findings": 0}
+    assert completion["message"].startswith(f"{len(ips)} hosts targeted, {alive} alive, 3 excluded")
+    console = engine_lab.console()
+    assert f"job accepted: {job_id} (discovery, 'plain ips')" in console
+    assert f"job {job_id} finished: {len(ips)} hosts targeted" in console
+    # Progress reached the platform, and the job left the spool once completed.
+    assert engine_lab.platform.count_requests(method="POST", path=f"/vsa/v1/jobs/{job_id}/progress") >= 1
+    engine_lab.wait_for(lambda: engine_lab.heartbeat().get("spool_pending") == 0
+                        and engine_lab.heartbeat().get("status") == "idle", 20, "an idle appliance, empty spool")
+
+
+def test_sigkill_mid_job_then_restart_sends_every_result_exactly_once(engine_lab: EngineLab) -> None:
+    spec = slow_job(engine_lab.portlab, 16)
+    expected = set(spec["targets"]["ips"])
+    job_id = engine_lab.platform.submit_job(spec)
+    # Mid-job: some results are at the platform, not all.
+    engine_lab.wait_for(lambda: 3 <= len(engine_lab.accepted_puts(job_id)) < len(expected) - 4, 90,
+                        "some results sent")
+    engine_lab.kill_daemon(signal.SIGKILL)
+    before = engine_lab.accepted_puts(job_id)
+    assert engine_lab.job_state(job_id) == "accepted"
+    engine_lab.start_daemon()
+    report = engine_lab.wait_completed(job_id, 150)
+    assert_exactly_once(engine_lab, job_id, report, expected)
+    assert report["completion"]["status"] == "finished"
+    assert f"resuming job {job_id}" in engine_lab.console()
+    assert before  # results sent before the kill were not sent again (exactly once above)
+
+
+def test_platform_refusing_then_unreachable_mid_job_loses_nothing(engine_lab: EngineLab) -> None:
+    spec = slow_job(engine_lab.portlab, 12)
+    expected = set(spec["targets"]["ips"])
+    job_id = engine_lab.platform.submit_job(spec)
+    engine_lab.wait_for(lambda: len(engine_lab.accepted_puts(job_id)) >= 2, 90, "some results sent")
+    engine_lab.platform.fail_next(duration_s=4, status=503, retry_after_s=1)
+    time.sleep(4)
+    engine_lab.stop_platform()
+    time.sleep(8)  # scanning goes on meanwhile
+    spooled_before = engine_lab.accepted_puts(job_id)
+    engine_lab.start_platform()
+    report = engine_lab.wait_completed(job_id, 150)
+    assert_exactly_once(engine_lab, job_id, report, expected)
+    assert engine_lab.puts(job_id, 503), "no PUT met the 503 fault"
+    assert len(spooled_before) < len(expected)
+
+
+def test_missing_hosts_are_sent_again_and_the_job_completes(engine_lab: EngineLab) -> None:
+    spec = slow_job(engine_lab.portlab, 2)
+    expected = set(spec["targets"]["ips"])
+    job_id = engine_lab.platform.submit_job(spec)
+    engine_lab.platform.lose_hosts(job_id, count=2)
+    report = engine_lab.wait_completed(job_id, 120)
+    assert set(report["hosts"]) == expected
+    completes = engine_lab.platform.requests(method="POST", path=f"/vsa/v1/jobs/{job_id}/complete")
+    assert [c["status"] for c in completes] == [409, 200]
+    accepted = engine_lab.accepted_puts(job_id)
+    assert sorted(n for n in accepted.values() if n == 2) == [2, 2]  # the two lost hosts, sent again
+    assert all(n in (1, 2) for n in accepted.values())
+
+
+def test_cancel_mid_job_stops_it_and_sends_nothing_more(engine_lab: EngineLab) -> None:
+    spec = slow_job(engine_lab.portlab, 24)
+    job_id = engine_lab.platform.submit_job(spec)
+    engine_lab.wait_for(lambda: len(engine_lab.accepted_puts(job_id)) >= 2, 90, "some results sent")
+    engine_lab.platform.cancel_job(job_id)
+    engine_lab.wait_for(lambda: f"job {job_id} canceled by the platform" in engine_lab.console(), 30,
+                        "the cancel said on the console")
+    count_at_cancel = engine_lab.platform.count_requests(path_re=rf"^/vsa/v1/jobs/{job_id}/")
+    time.sleep(6)
+    assert engine_lab.platform.count_requests(path_re=rf"^/vsa/v1/jobs/{job_id}/") == count_at_cancel
+    assert len(engine_lab.puts(job_id)) < len(spec["targets"]["ips"])
+    assert engine_lab.platform.count_requests(path=f"/vsa/v1/jobs/{job_id}/complete") == 0
+    assert engine_lab.job_state(job_id) == "canceled"
+    # The daemon goes on: it reports no running job any more.
+    engine_lab.wait_for(lambda: engine_lab.heartbeat().get("running_jobs") == [], 20, "no running job in the poll")
+
+
+def test_malformed_job_fails_fast_naming_the_field_and_daemon_goes_on(engine_lab: EngineLab) -> None:
+    bad = engine_lab.platform.submit_job({
+        "job_id": "j-bad-rate", "type": "discovery", "title": "bad",
+        "targets": {"ips": [engine_lab.portlab.answering_ips[0]], "hostnames": [], "ec2": None},
+        "exclude": [], "options": {"tcp_ports": "light", "rate_pps": -5},
+    }, validate=False)
+    report = engine_lab.wait_completed(bad, 60)
+    completion = report["completion"]
+    assert completion["status"] == "failed" and completion["reason"] == "internal_error"
+    assert "options.rate_pps" in completion["message"]
+    assert completion["host_keys"] == []
+    assert f"job {bad} failed (internal_error)" in engine_lab.console()
+    # The daemon keeps running and takes the next job.
+    good = engine_lab.platform.submit_job({"type": "discovery", "targets": {"ips": [engine_lab.portlab.answering_ips[0]]},
+                                           "options": {"tcp_ports": "light"}})
+    assert engine_lab.wait_completed(good, 60)["completion"]["status"] == "finished"
+
+
+def test_ec2_endpoint_unreachable_still_scans_ips_and_fails_resolution(engine_lab: EngineLab) -> None:
+    ip = engine_lab.portlab.answering_ips[0]
+    job_id = engine_lab.platform.submit_job({
+        "type": "discovery", "title": "ec2 down",
+        "targets": {"ips": [ip], "ec2": {"role_arn": None, "regions": ["us-east-1"], "platform": "vpc_all"}},
+        "options": {"tcp_ports": "light"},
+    })
+    report = engine_lab.wait_completed(job_id, 120)
+    assert set(report["hosts"]) == {ip}
+    assert report["hosts"][ip]["status"] == "scanned"
+    completion = report["completion"]
+    assert completion["status"] == "failed" and completion["reason"] == "target_resolution_failed"
+    assert "127.0.0.1:9" in completion["message"], completion["message"]
+    assert f"job {job_id} failed (target_resolution_failed)" in engine_lab.console()
+
+
+def test_status_shows_job_progress(engine_lab: EngineLab) -> None:
+    spec = slow_job(engine_lab.portlab, 10)
+    job_id = engine_lab.platform.submit_job(spec)
+
+    def status_jobs() -> list[dict[str, Any]]:
+        out = engine_lab.lab.hub_run(*vsa_argv(), "status", "--json", "--config", str(engine_lab.tmp / "appliance.toml"))
+        return [j for j in json.loads(out.stdout)["jobs"] if j["job_id"] == job_id and j["hosts_done"] > 0]
+
+    jobs = engine_lab.wait_for(status_jobs, 60, "vsa status showing the job")
+    assert jobs[0]["hosts_total"] == len(spec["targets"]["ips"])
+    engine_lab.wait_completed(job_id, 120)

@@ -79,6 +79,10 @@ DEFAULT_RATE_PPS = 10_000
 # in well under a millisecond; across a VPC or a VPN in tens of ms.
 WAIT_AFTER_PASS_S = 1.0
 RETRANSMISSIONS = 1
+# The token bucket holds this much sending time: a sender woken late by a busy
+# scheduler catches up instead of losing the time for good; the average rate
+# stays rate_pps.
+BUCKET_BURST_S = 0.05
 # Source ports come from above the kernel's default ephemeral range (32768-60999),
 # so no connection of the scanner's own can share the port the filter watches.
 SOURCE_PORT_MIN = 61_000
@@ -697,7 +701,7 @@ def syn_scan_blocking(
                 report.notes.append(f"kernel RSTs tolerated: {nft.problem}")
         try:
             batches = {src: _Batch(t, BATCH_SIZE) for src, t in sources.items()}
-            bucket = TokenBucket(rate_pps, burst=max(float(BATCH_SIZE), rate_pps / 200))
+            bucket = TokenBucket(rate_pps, burst=max(float(BATCH_SIZE), rate_pps * BUCKET_BURST_S))
             # First pass over every (host, port) in a random order, hosts fastest.
             perm = Permutation.random(total)
             a, b = perm.a, perm.b

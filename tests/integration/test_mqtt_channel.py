@@ -216,27 +216,43 @@ async def test_a_client_without_a_certificate_is_refused(platform: Platform, bro
     assert time.monotonic() - started < 8
 
 
-async def test_a_broker_whose_certificate_is_not_from_the_platform_ca_is_not_trusted(
+async def test_the_broker_is_trusted_by_the_platform_ca_and_platform_ca_file_only(
     platform: Platform, tmp_path: Path
 ) -> None:
     require_tool("mosquitto")
-    stranger = Platform.init(tmp_path / "stranger")  # another CA altogether
+    stranger = Platform.init(tmp_path / "stranger")  # another CA: it signs the broker's certificate
     try:
-        with MosquittoBroker(tmp_path / "broker", tls=_tls(stranger, tmp_path / "broker")) as mosquitto:
+        tls = _tls(stranger, tmp_path / "broker")
+        # The broker accepts client certificates from either CA; only the appliance's trust is under test.
+        bundle = tmp_path / "broker" / "client-cas.pem"
+        bundle.write_text(platform.ca_pem + stranger.ca_pem)
+        with MosquittoBroker(tmp_path / "broker", tls=BrokerTls(bundle, tls.cert_file, tls.key_file)) as mosquitto:
             platform.set_mqtt(mosquitto.url)
             identity = registered_identity(platform, tmp_path / "state")
+
+            # Trusting only the registration's ca_pem: refused, said once in words.
             console = io.StringIO()
             channel = make_channel(platform, console, PollWaker())
             await channel.use_identity(identity)
             try:
                 await wait_until(lambda: "unreachable" in console.getvalue(), what="the refusal")
+                await asyncio.sleep(1.0)  # more attempts, nothing more said
                 assert not channel.connected
+            finally:
+                await channel.aclose()
+            assert "its TLS certificate is not trusted" in console.getvalue()
+            assert console.getvalue().count("vsa: ") == 1
+
+            # platform.ca_file naming that CA (an operator's private CA): trusted.
+            channel = MqttChannel(console=Console(io.StringIO()), waker=PollWaker(), reconnect=FAST,
+                                  platform_ca_file=stranger.ca_file, connect_timeout_s=3.0)
+            await channel.use_identity(identity)
+            try:
+                await wait_until(lambda: channel.connected, what="the channel to connect")
             finally:
                 await channel.aclose()
     finally:
         stranger.close()
-    assert "its TLS certificate is not trusted" in console.getvalue()
-    assert console.getvalue().count("vsa: ") == 1
 
 
 async def test_the_lab_acl_holds_an_appliance_to_its_own_topics(platform: Platform, broker: MosquittoBroker,

@@ -18,7 +18,7 @@ poll loop, never blocks boot, never raises into the daemon, and reconnects with
 capped exponential backoff and full jitter. The console says once that the
 broker is unreachable (and why, in words) and once when it is connected.
 
-Decisions (written into the OpenAPI document's ``Mqtt`` schema too):
+Decisions (the OpenAPI document's ``Mqtt`` schema already states the trust one):
 
 - **Which broker.** ``mqtt.url`` (``VSA_MQTT_URL``) wins over the registration's
   ``url`` (an operator may reach the platform's broker under another name);
@@ -38,7 +38,8 @@ Decisions (written into the OpenAPI document's ``Mqtt`` schema too):
   a wake-up published while it was away is not lost.
 
 The job engine sees only :class:`EventPublisher` (DESIGN.md: the scanning
-logic imports an abstract publisher, never the MQTT library). This is the only
+logic imports an abstract publisher, never the MQTT library), handed to it as
+``SinkContext.events``; a malformed event is logged and dropped, never raised. This is the only
 module that imports aiomqtt, and only when a connection is made.
 """
 

@@ -283,6 +283,7 @@ class JobEngine:
         timings: Timings | None = None,
         spool: Spool | None = None,
         rng: random.Random | None = None,
+        events: Any = None,
     ) -> None:
         """``key_pem()`` reads the appliance's private key (PEM) for JWE auth records."""
         self.config = config
@@ -298,6 +299,7 @@ class JobEngine:
         self.ec2_proxy: Ec2ApiProxy | None = None
         self.jobs: dict[str, _Job] = {}
         self.publish: Callable[[], None] | None = None  # the daemon's status refresher
+        self.events = events  # MQTT progress events (publish_progress), None without MQTT
         self._last_publish = 0.0
         self._started = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -772,7 +774,8 @@ class JobEngine:
                 await asyncio.wait_for(
                     checks.run_host_checks(result, plan.records, ctx, job_type=plan.spec.type,
                                            authentication=plan.spec.options.authentication,
-                                           is_ec2=result.target.instance_id is not None),
+                                           is_ec2=result.target.instance_id is not None,
+                                           scanned_tcp_ports=plan.options.tcp_ports),
                     timeout_s)
             except TimeoutError:
                 result.errors.append(f"authenticated checks stopped after host_timeout_s={timeout_s:g} s")
@@ -806,6 +809,11 @@ class JobEngine:
             return
         body = {"phase": job.phase, "hosts_total": job.hosts_total,
                 "hosts_done": min(job.hosts_done, job.hosts_total)}
+        if self.events is not None:
+            try:  # non-blocking by contract; dropped while no broker is connected
+                self.events.publish_progress(job.job_id, body["phase"], body["hosts_total"], body["hosts_done"])
+            except Exception as exc:  # an accelerator must never break a job
+                log.debug("progress event for %s not published: %s", job.job_id, exc)
         self._spawn(self._post_progress(client, job.job_id, body), f"vsa-progress-{job.job_id}")
 
     async def _post_progress(self, client: PlatformClient, job_id: str, body: dict[str, Any]) -> None:
@@ -920,7 +928,7 @@ def build_engine(context: Any) -> JobEngine:
         return Path(identity.key_path).read_bytes()
 
     return JobEngine(config=config, console=context.console, key_pem=key_pem, waker=context.waker,
-                     capacity=capacity)
+                     capacity=capacity, events=getattr(context, "events", None))
 
 
 __all__ = ["JobEngine", "JobInvalid", "build_engine", "completion_for", "decrypt_auth_records",

@@ -65,9 +65,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from appliance.errors import VsaError
 from appliance.scan.connectscan import HostPorts, TokenBucket
@@ -107,6 +109,9 @@ SOL_PACKET = 263
 PACKET_STATISTICS = 6
 SIOCGIFADDR = 0x8915
 RECEIVER_START_TIMEOUT_S = 10.0
+# Up to this many probes (discovery, small port lists) the receiver is a thread:
+# starting a process costs more than sharing the interpreter lock.
+RECEIVER_THREAD_MAX_PROBES = 20_000
 PACKET_RX_RING = 5
 PACKET_VERSION = 10
 TPACKET_V2 = 1
@@ -462,6 +467,16 @@ def _rx_ring(sock: socket.socket) -> mmap.mmap:
 def _receiver_main() -> int:
     """Entry point of the receiver process: config as JSON on stdin, EOF on stdin stops it."""
     config = json.loads(sys.stdin.readline())
+    _receive(config, stop_fd=0, borrowed_fds=False)
+    return 0
+
+
+def _receive(config: dict[str, Any], *, stop_fd: int, borrowed_fds: bool) -> None:
+    """Read answers into the shared memory until ``stop_fd`` is readable or hung up.
+
+    ``borrowed_fds``: the descriptors belong to the caller (the in-process
+    receiver thread): work on duplicates and close only those.
+    """
     jar = CookieJar(config["sport"], bytes.fromhex(config["secret"]))
     table = jar.port_table
     hosts: list[int] = config["hosts"]
@@ -474,10 +489,10 @@ def _receiver_main() -> int:
     nbytes = (total + 7) // 8
     mem = mmap.mmap(config["memfd"], _shared_size(total, n_hosts))
     per_host = [0] * n_hosts
-    socks = [socket.socket(fileno=fd) for fd in config["sockets"]]
+    socks = [socket.socket(fileno=os.dup(fd) if borrowed_fds else fd) for fd in config["sockets"]]
     rings = [_rx_ring(sock) for sock in socks]
     poller = select.poll()
-    poller.register(0, select.POLLIN | select.POLLHUP)
+    poller.register(stop_fd, select.POLLIN | select.POLLHUP)
     unpack = struct.unpack_from
     pack_into = struct.pack_into
     open_base = _HDR_LEN + nbytes
@@ -522,8 +537,8 @@ def _receiver_main() -> int:
             # Sleep rather than block in poll() on the packet sockets: a sleeping reader costs
             # the kernel no wake-up per answer, and the ring holds what arrives meanwhile.
             for fd, _event in poller.poll(0):
-                if fd == 0:
-                    running = False  # the sender closed our stdin: drain once more, then stop
+                if fd == stop_fd:
+                    running = False  # the sender said stop: drain once more, then stop
             time.sleep(RECEIVER_IDLE_SLEEP_S)
     # A last sweep for frames that arrived with the stop signal.
     for r, ring in enumerate(rings):
@@ -550,7 +565,12 @@ def _receiver_main() -> int:
     struct.pack_into(f"={n_hosts}I", mem, _HDR_LEN + 2 * nbytes, *per_host)
     _HDR.pack_into(mem, 0, answers, rejected, _kernel_drops(socks), 1)
     mem.flush()
-    return 0
+    for ring in rings:
+        ring.close()
+    mem.close()
+    if borrowed_fds:
+        for sock in socks:
+            sock.close()
 
 
 class _ReceiverProcess:
@@ -587,6 +607,45 @@ class _ReceiverProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)
+
+
+class _ReceiverThread:
+    """The receiver in a thread of this process, for small scans (discovery) where starting
+    a process would cost more than the interpreter lock ever will."""
+
+    def __init__(self, socks: list[socket.socket], shared: _SharedAnswers, jar: CookieJar,
+                 hosts: list[int], ports: Sequence[int]) -> None:
+        self.stop_r, self.stop_w = os.pipe()
+        config = {"sport": jar.sport, "secret": jar.secret.hex(), "hosts": hosts, "ports": list(ports),
+                  "memfd": shared.fd, "sockets": [sock.fileno() for sock in socks]}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(config,), name="vsa-syn-rx", daemon=True)
+        self.thread.start()
+
+    def _run(self, config: dict[str, Any]) -> None:
+        try:
+            _receive(config, stop_fd=self.stop_r, borrowed_fds=True)
+        except BaseException as exc:  # reported by wait_ready/stop, never swallowed
+            self.error = exc
+
+    def wait_ready(self, shared: _SharedAnswers) -> None:
+        """Wait until the receiver reads its ring (before the first probe leaves)."""
+        deadline = time.monotonic() + RECEIVER_START_TIMEOUT_S
+        while shared.counters()[3] != 1:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise SynScanError(f"the answer receiver did not start: {self.error}")
+            time.sleep(0.001)
+
+    def stop(self) -> None:
+        """Signal the thread through its pipe and wait for its final counters."""
+        if self.stop_w >= 0:
+            os.close(self.stop_w)
+            self.stop_w = -1
+            self.thread.join(timeout=5)
+            os.close(self.stop_r)
+        if self.error is not None:
+            raise SynScanError(f"the answer receiver failed: {self.error}") from self.error
 
 
 def _open_receivers(interfaces: Sequence[str], sport: int) -> list[socket.socket]:
@@ -671,7 +730,8 @@ def syn_scan_blocking(
     try:
         tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF_BYTES)
         host_ints = [int.from_bytes(socket.inet_aton(ip), "big") for ip in hosts]
-        receiver = _ReceiverProcess(rx_socks, shared, jar, host_ints, ports)
+        receiver_cls = _ReceiverThread if total <= RECEIVER_THREAD_MAX_PROBES else _ReceiverProcess
+        receiver = receiver_cls(rx_socks, shared, jar, host_ints, ports)
         try:
             plans: list[_HostPlan] = []
             sources: dict[str, bytes] = {}

@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -205,6 +207,39 @@ class Outcome:
     phases_s: dict[str, float]
     console: list[str]
     appliance_id: str | None
+    timeline: list[tuple[str, float]] = field(default_factory=list)
+
+
+def timeline(fleet: Fleet, job_id: str, submitted_epoch: float) -> list[tuple[str, float]]:
+    """The job's events as the platform recorded them, in seconds after the submission.
+
+    ``accept``, each progress phase as first reported (``phase:discovery`` ...),
+    the first and last host result (``first_result``, ``last_result``) and the
+    accepted completion (``complete``). Progress bodies and request times come
+    from the platform's own request log (its SQLite file, read-only).
+    """
+    platform = fleet.platform
+    base = f"/vsa/v1/jobs/{job_id}"
+    events: list[tuple[str, float]] = []
+    accepts = platform.requests(path=f"{base}/accept", status=200)
+    if accepts:
+        events.append(("accept", accepts[0]["at_s"]))
+    posts = [r for r in platform.requests(path=f"{base}/progress") if 200 <= r["status"] < 300]
+    with contextlib.closing(sqlite3.connect(f"file:{platform.data_dir / 'platform.db'}?mode=ro", uri=True,
+                                            timeout=10)) as db:
+        phases = [row[0] for row in db.execute("SELECT phase FROM progress WHERE job_id = ? ORDER BY id", (job_id,))]
+    seen: set[str] = set()
+    for request, phase in zip(posts, phases, strict=False):  # one progress row per accepted POST, in order
+        if phase not in seen:
+            seen.add(phase)
+            events.append((f"phase:{phase}", request["at_s"]))
+    puts = [r for r in platform.requests(path_re=rf"^{re.escape(base)}/hosts/") if 200 <= r["status"] < 300]
+    if puts:
+        events += [("first_result", puts[0]["at_s"]), ("last_result", puts[-1]["at_s"])]
+    completes = platform.requests(path=f"{base}/complete", status=200)
+    if completes:
+        events.append(("complete", completes[-1]["at_s"]))
+    return sorted(((name, round(at - submitted_epoch, 3)) for name, at in events), key=lambda e: e[1])
 
 
 class Scenario:
@@ -280,6 +315,7 @@ class Scenario:
         platform = self.fleet.platform
         job_id = platform.submit_job(self.fleet.job_spec())
         self.marks["submitted"] = time.monotonic()
+        self.submitted_epoch = time.time()
         woken = self.fleet.wake(appliance_id)
         self.narrate(f"job {job_id} submitted ({'the appliance was woken over MQTT' if woken else 'it is picked up at the next poll'})")
         phases: dict[str, float] = {}
@@ -289,9 +325,9 @@ class Scenario:
         while True:
             rep = platform.results(job_id)
             progress = rep.get("progress") or {}
-            phase = rep["state"] if rep["state"] != "running" else (progress.get("phase") or "accepted")
-            if rep["state"] == "running" and "accepted" not in phases:
-                phases["accepted"] = time.monotonic()
+            phase = rep["state"]
+            if phase == "accepted" and progress.get("phase"):
+                phase = progress["phase"]
             if phase not in phases:
                 phases[phase] = time.monotonic()
             key = (rep["state"], progress.get("phase"), progress.get("hosts_done"), progress.get("hosts_total"),
@@ -325,7 +361,8 @@ class Scenario:
                      else (999,))
         start = self.marks["submitted"]
         phases_s = {name: round(t - start, 3) for name, t in sorted(phases.items(), key=lambda kv: kv[1])}
-        return Outcome(job_id, rep, results, phases_s, self.console, appliance_id)
+        return Outcome(job_id, rep, results, phases_s, self.console, appliance_id,
+                       timeline(self.fleet, job_id, self.submitted_epoch))
 
     def stop(self) -> int | None:
         """Stop the daemon (SIGTERM) and the sampler; the daemon's exit status."""

@@ -71,6 +71,7 @@ from appliance.lab.moto import Ec2Seeder, MotoServer
 from appliance.lab.netns import Host, LabError, NetnsLab, lab_available, netns_executor
 from appliance.lab.platform.admin import Platform
 from appliance.lab.platform.mqtt import broker_files
+from appliance.lab.portlab import HTTP_SERVER, TLS_SUBJECT_CN
 from appliance.lab.smblab import SambaServer, linux_user, samba_available
 from appliance.scan.portlists import tcp_ports as expand_tcp_ports
 
@@ -123,6 +124,18 @@ class ExpectedFinding:
     detection: str = "package"
 
 
+@dataclass(frozen=True)
+class ExpectedPort:
+    """One expected open TCP port and what the banner probes must learn of it."""
+
+    port: int
+    service: str | None
+    product: str | None
+    version: str | None
+    banner: str | None  # exact, or None when no banner is expected
+    banner_contains: tuple[str, ...] = ()  # for banners the appliance composes (HTTP, TLS)
+
+
 @dataclass
 class ExpectedHost:
     """What the appliance must report of one EC2 instance (``targeted`` False: no result at all)."""
@@ -136,6 +149,7 @@ class ExpectedHost:
     instance_id: str = ""
     target: dict[str, Any] = field(default_factory=dict)  # the HostResult ``target`` object
     tcp_ports: tuple[int, ...] = ()
+    ports: tuple[ExpectedPort, ...] = ()
     auth: tuple[ExpectedAuth, ...] = ()
     os: dict[str, Any] | None = None
     packages_manager: str | None = None
@@ -143,6 +157,8 @@ class ExpectedHost:
     package_count: int | None = None
     findings: tuple[ExpectedFinding, ...] = ()
     instance_metadata: dict[str, Any] | None = None
+    errors_prefix: str | None = None  # None: no errors at all; else every error starts with it
+    errors_include: tuple[str, ...] = ()  # substrings some error must contain
     netns: str | None = None
 
     @property
@@ -238,6 +254,18 @@ def _osv(advisory_id: str, summary: str, severity: int, ecosystem: str, name: st
             "database_specific": {"severity": severity},
             "affected": [{"package": {"ecosystem": ecosystem, "name": name},
                           "ranges": [{"type": "ECOSYSTEM", "events": events}]}]}
+
+
+def openssh_identification() -> str:
+    """``OpenSSH_9.2p1 Debian-2+deb12u3``: this machine's OpenSSH, as sshd's banner names it (``ssh -V``)."""
+    out = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10)
+    return (out.stderr or out.stdout).split(",")[0].strip()
+
+
+def samba_version() -> str:
+    """``4.17.12-Debian``: this machine's Samba version (``smbd -V``)."""
+    out = subprocess.run(["smbd", "-V"], capture_output=True, text=True, timeout=10).stdout
+    return out.strip().removeprefix("Version ").strip()
 
 
 def debian_ecosystem(release: Mapping[str, str]) -> str:
@@ -667,6 +695,14 @@ def _ground_truth(lab: NetnsLab, hosts: Mapping[str, Host], truth: Mapping[str, 
     linux_os = {"family": "linux", "name": release.get("NAME") or release.get("ID"),
                 "version": release.get("VERSION_ID"), "kernel": uname.release,
                 "arch": pyplatform.machine(), "source": "ssh"}
+    ssh_ident = openssh_identification()
+    known_ports = {
+        22: ExpectedPort(22, "ssh", "OpenSSH", ssh_ident.split("_", 1)[1].split()[0], f"SSH-2.0-{ssh_ident}"),
+        80: ExpectedPort(80, "http", "nginx", HTTP_SERVER.split("/")[1], None, (f"Server: {HTTP_SERVER}",)),
+        443: ExpectedPort(443, "https", "nginx", HTTP_SERVER.split("/")[1], None,
+                          (f"CN={TLS_SUBJECT_CN}", f"Server: {HTTP_SERVER}")),
+        445: ExpectedPort(445, "microsoft-ds", None, None, None),
+    }
     na_unix = ExpectedAuth(None, "unix", "not_applicable", False)
     na_windows = ExpectedAuth(None, "windows", "not_applicable", False)
     expected: dict[str, ExpectedHost] = {}
@@ -685,6 +721,7 @@ def _ground_truth(lab: NetnsLab, hosts: Mapping[str, Host], truth: Mapping[str, 
         elif role != "outside":
             host.status = "scanned"
             host.tcp_ports = tuple(sorted(_listening(lab, hosts[name]) & scanned_ports))
+            host.ports = tuple(known_ports.get(p, ExpectedPort(p, None, None, None, None)) for p in host.tcp_ports)
         if role == "ssh":
             host.auth = (ExpectedAuth("rec-linux", "unix", "success", True), na_windows)
             host.os = linux_os
@@ -695,7 +732,10 @@ def _ground_truth(lab: NetnsLab, hosts: Mapping[str, Host], truth: Mapping[str, 
             host.auth = (ExpectedAuth("rec-linux", "unix", "failed", False), na_windows)
         elif role == "smb":
             host.auth = (na_unix, ExpectedAuth("rec-windows", "windows", "success", False))
-            host.os = {"family": "unix", "name": "Samba", "source": "smb"}  # Samba says little more (LAB-NOTES)
+            host.os = {"family": "unix", "name": "Samba", "version": samba_version(), "kernel": None, "arch": None,
+                       "source": "smb"}
+            # Samba serves little of the Windows registry (LAB-NOTES): the checker says what it missed.
+            host.errors_prefix, host.errors_include = "smb: ", ("the server is Samba",)
             # Samba's defaults: signing offered but not required (VSA-SMB-0002); SMB3 on, SMB1 and NTLMv1 off.
             host.findings = (ExpectedFinding("VSA-SMB-0002", 3, None, None, None, None, source="vsa",
                                              detection="network"),)

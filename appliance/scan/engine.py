@@ -139,6 +139,13 @@ def summarize(results: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return summary
 
 
+def summary_from_counts(by_status: Mapping[str, int], findings: int) -> dict[str, int]:
+    """The completion ``summary`` from per-status host counts (what the spool counts for a job)."""
+    return {"hosts_targeted": sum(by_status.values()), "hosts_alive": by_status.get("scanned", 0),
+            "hosts_excluded": by_status.get("excluded", 0), "hosts_scanned": by_status.get("scanned", 0),
+            "findings": findings}
+
+
 def completion_for(
     summary: Mapping[str, int], *, resolution_failure: str | None = None, timed_out: str | None = None
 ) -> dict[str, Any]:
@@ -243,7 +250,8 @@ async def resolve_hostnames(names: Sequence[str]) -> tuple[list[Target], list[st
         except (OSError, TimeoutError) as exc:
             failures.append(f"the host name {name} cannot be resolved ({getattr(exc, 'strerror', None) or 'no answer in time'})")
             continue
-        addresses = list(dict.fromkeys(str(ipaddress.ip_address(info[4][0].split("%")[0])) for info in infos))
+        # info[4][0] is the address text (an IPv6 one may carry a %scope suffix).
+        addresses = list(dict.fromkeys(str(ipaddress.ip_address(str(info[4][0]).split("%")[0])) for info in infos))
         if not addresses:
             failures.append(f"the host name {name} resolves to no address")
         targets.extend(Target(ip=address, hostname=name.removesuffix(".")) for address in addresses)
@@ -665,7 +673,7 @@ class JobEngine:
             for s in todo:
                 if s.target.host_key in missing:
                     self._spool(job, error_result(s.target, timed_out))
-        summary = summarize(self.spool.results(job.job_id))
+        summary = summary_from_counts(*self.spool.status_counts(job.job_id))
         job.phase = "uploading"
         self._progress(job, force=True)
         return completion_for(summary, resolution_failure="; ".join(failures) or None, timed_out=timed_out)
@@ -932,4 +940,5 @@ def build_engine(context: Any) -> JobEngine:
 
 
 __all__ = ["JobEngine", "JobInvalid", "build_engine", "completion_for", "decrypt_auth_records",
-           "effective_parallel", "failed_fast", "job_deadline_s", "resolve_hostnames", "summarize"]
+           "effective_parallel", "failed_fast", "job_deadline_s", "resolve_hostnames", "summarize",
+           "summary_from_counts"]

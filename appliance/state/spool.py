@@ -241,11 +241,19 @@ class Spool:
 
     def results(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Every spooled result body of the job (sent or not), in the order they were spooled."""
-        rows = self._db.execute(
-            "SELECT body FROM results WHERE job_id = ? ORDER BY rowid", (job_id,)
-        ).fetchall()
-        for row in rows:
+        cursor = self._db.execute("SELECT body FROM results WHERE job_id = ? ORDER BY rowid", (job_id,))
+        for row in cursor:  # one body at a time: a big job's results never sit in memory together
             yield json.loads(row[0])
+
+    def status_counts(self, job_id: str) -> tuple[dict[str, int], int]:
+        """({status: hosts}, findings) over the job's spooled results, counted inside SQLite."""
+        rows = self._db.execute(
+            "SELECT json_extract(body, '$.status'), COUNT(*), "
+            "SUM(COALESCE(json_array_length(json_extract(body, '$.findings')), 0)) "
+            "FROM results WHERE job_id = ? GROUP BY 1",
+            (job_id,),
+        ).fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}, sum(int(r[2] or 0) for r in rows)
 
     def host_keys(self, job_id: str) -> list[str]:
         """Every host of the job that has a result in the spool (sent or not)."""

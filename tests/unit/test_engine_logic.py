@@ -38,6 +38,7 @@ from appliance.scan.engine import (
     job_deadline_s,
     resolve_hostnames,
     summarize,
+    summary_from_counts,
 )
 from appliance.state.spool import Spool
 
@@ -49,6 +50,17 @@ def test_summary_counts_statuses_and_findings() -> None:
               {"status": "excluded"}, {"status": "scanned", "findings": None}, {"status": "error"}]
     assert summarize(bodies) == {"hosts_targeted": 5, "hosts_alive": 2, "hosts_excluded": 1,
                                  "hosts_scanned": 2, "findings": 2}
+
+
+def test_spool_counts_agree_with_the_summary(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.journal_job("j-1", {})
+    bodies = [{"status": "scanned", "findings": [{"id": "a"}, {"id": "b"}]}, {"status": "down", "findings": []},
+              {"status": "excluded", "findings": []}, {"status": "scanned", "findings": [{"id": "c"}]}]
+    for index, body in enumerate(bodies):
+        spool.put_result("j-1", f"10.0.0.{index}", body)
+    assert summary_from_counts(*spool.status_counts("j-1")) == summarize(bodies)
+    assert summary_from_counts(*spool.status_counts("j-2")) == summarize([])
 
 
 def test_completion_status_and_reason() -> None:

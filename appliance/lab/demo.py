@@ -242,6 +242,21 @@ def timeline(fleet: Fleet, job_id: str, submitted_epoch: float) -> list[tuple[st
     return sorted(((name, round(at - submitted_epoch, 3)) for name, at in events), key=lambda e: e[1])
 
 
+def phase_durations(events: list[tuple[str, float]]) -> dict[str, float]:
+    """Seconds per phase from a job's :func:`timeline`: ``pickup``, each progress phase, ``total``.
+
+    A phase lasts from its first progress report to the next phase's (the
+    last one to the accepted completion).
+    """
+    at = dict(events)
+    out = {"pickup": at.get("accept", float("nan")), "total": at.get("complete", float("nan"))}
+    marks = [(name.split(":", 1)[1], t) for name, t in events if name.startswith("phase:")]
+    marks.append(("end", at.get("complete", float("nan"))))
+    for (name, start), (_next, end) in zip(marks, marks[1:], strict=False):
+        out[name] = round(end - start, 3)
+    return out
+
+
 class Scenario:
     """Boots the daemon in the fleet's hub, submits the demo job and follows it on the platform."""
 
@@ -401,6 +416,30 @@ def accounting(fleet: Fleet, outcome: Outcome) -> list[str]:
     return problems
 
 
+def ground_truth_differences(fleet: Fleet, outcome: Outcome) -> list[str]:
+    """Where the results differ from the lab's ground truth (a summary; the e2e test checks every field)."""
+    got = {r.host_key: r for r in outcome.results}
+    differences = []
+    for exp in fleet.targeted():
+        r = got.get(exp.host_key)
+        if r is None:
+            continue  # accounting() reports it
+        facts = {
+            "open ports": ([p.port for p in r.ports], list(exp.tcp_ports)),
+            "auth": ([(a.record_id, a.type, a.status, a.privileged) for a in r.auth],
+                     [(a.record_id, a.type, a.status, a.privileged) for a in exp.auth]),
+            "OS": ((r.os.name, r.os.version, r.os.source) if r.os else None,
+                   (exp.os["name"], exp.os["version"], exp.os["source"]) if exp.os else None),
+            "packages": (len(r.packages.items) if r.packages else None, exp.package_count),
+            "findings": (sorted((f.id, f.package or "") for f in r.findings),
+                         sorted((f.id, f.package or "") for f in exp.findings)),
+            "instance metadata": (r.instance_metadata, exp.instance_metadata),
+        }
+        differences += [f"{exp.name}: {what} {mine!r}, expected {theirs!r}"
+                        for what, (mine, theirs) in facts.items() if mine != theirs]
+    return differences
+
+
 # ---- the demo ---------------------------------------------------------------------------------------
 
 
@@ -425,9 +464,11 @@ def run_demo(workdir: Path, report_path: Path) -> int:
 
                 def progress(rep: dict[str, Any]) -> None:
                     p = rep.get("progress") or {}
-                    where = p.get("phase") or rep["state"]
-                    done = f", {p.get('hosts_done')}/{p.get('hosts_total')} hosts done" if p.get("hosts_total") else ""
-                    say(f"progress: {where}{done}; {len(rep['hosts'])}/{total} results received by the platform")
+                    if rep["state"] != "accepted" or not p:
+                        say(f"progress: job {rep['state']}; {len(rep['hosts'])}/{total} results at the platform")
+                        return
+                    say(f"progress: the appliance reports {p['phase']} ({p['hosts_done']}/{p['hosts_total']} hosts "
+                        f"done); {len(rep['hosts'])}/{total} results at the platform")
 
                 outcome = scenario.run_job(appliance_id, on_progress=progress)
             finally:
@@ -435,12 +476,22 @@ def run_demo(workdir: Path, report_path: Path) -> int:
                 say(f"the appliance stopped (exit status {code})")
             completion = outcome.report.get("completion") or {}
             say(f"job {outcome.job_id} {completion.get('status')}: {completion.get('message')}")
+            durations = phase_durations(outcome.timeline)
+            steps = ", ".join(f"{k} {v:.1f} s" for k, v in durations.items() if k not in ("pickup", "total"))
+            say(f"the job took {durations['total']:.1f} s from submission to completion: accepted after "
+                f"{durations['pickup']:.1f} s, then {steps} (as the platform saw it)")
             print()
             print(results_table(outcome.results), end="", flush=True)
             print()
             report_path.parent.mkdir(parents=True, exist_ok=True)
             report_path.write_text(report.render_html(outcome.results))
             say(f"HTML report written to {report_path}")
+            differences = ground_truth_differences(fleet, outcome)
+            for difference in differences:
+                say(f"differs from the lab's ground truth: {difference}")
+            if not differences:
+                say("every host matches the lab's ground truth: status, open ports, auth, OS, packages, "
+                    "findings, instance metadata")
             problems = accounting(fleet, outcome)
             for problem in problems:
                 say(f"NOT as expected: {problem}")
@@ -484,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt  # the same clean tear-down as Ctrl-C
 
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C tears down even if started with SIGINT ignored
     with tempfile.TemporaryDirectory(prefix="vsa-demo-") as tmp:
         with contextlib.suppress(KeyboardInterrupt):
             return run_demo(Path(tmp), args.report.resolve())

@@ -354,10 +354,14 @@ def test_malformed_job_fails_fast_naming_the_field_and_daemon_goes_on(engine_lab
     assert "options.rate_pps" in completion["message"]
     assert completion["host_keys"] == []
     assert f"job {bad} failed (internal_error)" in engine_lab.console()
-    # The daemon keeps running and takes the next job.
+    # A bundle whose signature is wrong is refused and said; the daemon keeps running and takes the next job.
+    engine_lab.platform.publish_signatures([{"id": "VSA-BAD-1", "affected": []}], version="2026.12.04.6",
+                                           corrupt="signature")
+    engine_lab.wait_for(lambda: "signatures 2026.12.04.6 refused" in engine_lab.console(), 30, "the refusal")
     good = engine_lab.platform.submit_job({"type": "discovery", "targets": {"ips": [engine_lab.portlab.answering_ips[0]]},
                                            "options": {"tcp_ports": "light"}})
     assert engine_lab.wait_completed(good, 60)["completion"]["status"] == "finished"
+    assert engine_lab.heartbeat().get("signatures_version") is None
 
 
 def test_ec2_endpoint_unreachable_still_scans_ips_and_fails_resolution(engine_lab: EngineLab) -> None:

@@ -340,3 +340,109 @@ def test_restart_resumes_a_completing_job_from_the_spool(tmp_path: Path) -> None
 def test_platform_errors_are_platform_errors() -> None:
     # The flow tests script these; the engine catches the family, not each one.
     assert issubclass(PlatformUnavailable, PlatformError) and issubclass(PlatformUnreachable, PlatformError)
+
+
+# --- scanning paths with a stand-in for the port pipeline (no probe leaves) -----------------------
+
+
+class FakeScan:
+    """Replaces :func:`appliance.scan.portscan.scan_scoped`: records batches, answers 'down' or hangs."""
+
+    def __init__(self, hang: bool = False) -> None:
+        self.batches: list[list[str]] = []
+        self.hang = hang
+
+    async def __call__(self, scoped: Any, options: Any, *, scope: Any = None, progress: Any = None) -> Any:
+        from appliance.results import HostResult
+        from appliance.scan.portscan import PortScanRun
+
+        self.batches.append([s.target.ip for s in scoped])
+        if self.hang:
+            await asyncio.sleep(3600)
+        return PortScanRun(results=[HostResult(target=s.target, status="down") for s in scoped], engine="connect")
+
+
+@pytest.fixture(autouse=True)
+def _no_own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The machine running the tests may hold any address; the appliance's own are out of scope.
+    monkeypatch.setattr("appliance.scan.discovery.local_addresses", lambda: {"127.0.0.1"})
+
+
+def scannable_job(job_id: str, count: int, **options: Any) -> JobSpec:
+    # 192.0.2.0/24 (TEST-NET-1): in scope, and the stand-in never probes it anyway.
+    return JobSpec.parse({"job_id": job_id, "type": "discovery", "targets": {"ips": [f"192.0.2.1-192.0.2.{count}"]},
+                          "options": {"tcp_ports": "light", "max_parallel_hosts": 2, **options}})
+
+
+def test_resumed_running_job_scans_only_hosts_without_a_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeScan()
+    monkeypatch.setattr("appliance.scan.portscan.scan_scoped", fake)
+    spec = scannable_job("j-r", 5)
+    spool = Spool(tmp_path / "state")
+    spool.journal_job("j-r", dict(spec.raw))
+    spool.set_job_state("j-r", "running")
+    for ip in ("192.0.2.1", "192.0.2.3"):
+        spool.put_result("j-r", ip, {"host_key": ip, "status": "down", "findings": []})
+    spool.close()
+    lines: list[str] = []
+
+    async def main() -> FakeClient:
+        engine, client = make_engine(tmp_path, lines), FakeClient()
+        engine.use_platform(client)  # type: ignore[arg-type]
+        await until(lambda: any("finished" in x for x in lines))
+        return client
+
+    client = asyncio.run(main())
+    assert sorted(ip for batch in fake.batches for ip in batch) == ["192.0.2.2", "192.0.2.4", "192.0.2.5"]
+    assert all(len(batch) <= 2 for batch in fake.batches)  # max_parallel_hosts
+    body = client.of("POST", "/complete")[0][2]
+    assert sorted(body["host_keys"]) == [f"192.0.2.{i}" for i in range(1, 6)]
+    assert body["summary"]["hosts_targeted"] == 5
+
+
+def test_deadline_gives_every_unfinished_host_an_error_and_fails_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("appliance.scan.portscan.scan_scoped", FakeScan(hang=True))
+    monkeypatch.setattr("appliance.scan.engine.job_deadline_s", lambda hosts, parallel, timeout: 0.3)
+    lines: list[str] = []
+
+    async def main() -> FakeClient:
+        engine, client = make_engine(tmp_path, lines), FakeClient()
+        spec = scannable_job("j-t", 3)
+        client.script("POST", "/accept", (200, {"job": dict(spec.raw)}))
+        engine.use_platform(client)  # type: ignore[arg-type]
+        await engine.offer_jobs([spec], [])
+        await until(lambda: any("failed" in x for x in lines))
+        return client
+
+    client = asyncio.run(main())
+    puts = client.of("PUT")
+    assert sorted(p.rsplit("/", 1)[1] for _, p, _ in puts) == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+    assert all(b["status"] == "error" and "deadline" in b["errors"][0] for _, _, b in puts)
+    body = client.of("POST", "/complete")[0][2]
+    assert (body["status"], body["reason"]) == ("failed", "timeout")
+
+
+def test_cancel_stops_the_job_discards_results_and_sends_no_completion(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeScan(hang=True)
+    monkeypatch.setattr("appliance.scan.portscan.scan_scoped", fake)
+    lines: list[str] = []
+
+    async def main() -> tuple[FakeClient, JobEngine]:
+        engine, client = make_engine(tmp_path, lines), FakeClient()
+        spec = scannable_job("j-c", 4)
+        client.script("POST", "/accept", (200, {"job": dict(spec.raw)}))
+        engine.use_platform(client)  # type: ignore[arg-type]
+        await engine.offer_jobs([spec], [])
+        await until(lambda: bool(fake.batches))
+        assert [j.job_id for j in engine.snapshot().running_jobs] == ["j-c"]
+        await engine.cancel(["j-c"])
+        await asyncio.sleep(0.2)
+        return client, engine
+
+    client, engine = asyncio.run(main())
+    assert not client.of("POST", "/complete") and not client.of("PUT")
+    assert engine.snapshot().running_jobs == ()
+    assert "job j-c canceled by the platform: stopped; 0 results not yet sent discarded" in lines
+    assert Spool(tmp_path / "state").job("j-c").state == "dropped"  # type: ignore[union-attr]

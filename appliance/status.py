@@ -124,7 +124,8 @@ def render(status: dict[str, Any], out: TextIO) -> None:
     if jobs:
         line("running jobs", len(jobs))
         for job in jobs:
-            out.write(f"  {job['job_id']}: {job['hosts_done']}/{job['hosts_total']} hosts\n")
+            share = f" ({100 * job['hosts_done'] // job['hosts_total']} %)" if job.get("hosts_total") else ""
+            out.write(f"  {job['job_id']}: {job['hosts_done']}/{job['hosts_total']} hosts done{share}\n")
     else:
         line("running jobs", "none")
     line("spool backlog", status.get("spool_pending", 0))

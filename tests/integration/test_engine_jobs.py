@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -390,6 +391,8 @@ def test_status_shows_job_progress(engine_lab: EngineLab) -> None:
 
     jobs = engine_lab.wait_for(status_jobs, 60, "vsa status showing the job")
     assert jobs[0]["hosts_total"] == len(spec["targets"]["ips"])
+    text = engine_lab.lab.hub_run(*vsa_argv(), "status", "--config", str(engine_lab.tmp / "appliance.toml")).stdout
+    assert re.search(rf"^  {job_id}: \d+/{len(spec['targets']['ips'])} hosts done \(\d+ %\)$", text, re.MULTILINE), text
     engine_lab.wait_completed(job_id, 120)
 
 

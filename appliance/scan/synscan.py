@@ -112,6 +112,7 @@ RECEIVER_START_TIMEOUT_S = 10.0
 # Up to this many probes (discovery, small port lists) the receiver is a thread:
 # starting a process costs more than sharing the interpreter lock.
 RECEIVER_THREAD_MAX_PROBES = 20_000
+RECEIVER_NICE = 10
 PACKET_RX_RING = 5
 PACKET_VERSION = 10
 TPACKET_V2 = 1
@@ -467,6 +468,9 @@ def _rx_ring(sock: socket.socket) -> mmap.mmap:
 def _receiver_main() -> int:
     """Entry point of the receiver process: config as JSON on stdin, EOF on stdin stops it."""
     config = json.loads(sys.stdin.readline())
+    # The ring holds answers while the receiver waits; the sender, which drives every
+    # probe through the kernel, should get the CPU first when the two compete.
+    os.nice(config.get("nice", RECEIVER_NICE))
     _receive(config, stop_fd=0, borrowed_fds=False)
     return 0
 
@@ -584,7 +588,7 @@ class _ReceiverProcess:
             stdin=subprocess.PIPE, pass_fds=[*fds, shared.fd], text=True,
         )
         config = {"sport": jar.sport, "secret": jar.secret.hex(), "hosts": hosts, "ports": list(ports),
-                  "memfd": shared.fd, "sockets": fds}
+                  "memfd": shared.fd, "sockets": fds, "nice": RECEIVER_NICE}
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(config) + "\n")
         self.proc.stdin.flush()

@@ -11,7 +11,7 @@ tears it all down on exit, even on failure or Ctrl-C:
   name         address     what runs there
   ===========  ==========  =========================================================
   ``app1``     10.77.0.10  sshd; the scan user has a key and NOPASSWD sudo; an IMDS
-  ``app2``     10.77.0.11  the same (another instance type and tags)
+  ``app2``     10.77.0.11  the same, but its os-release says Ubuntu 22.04 LTS
   ``legacy``   10.77.0.12  sshd where the scan key is not authorized (auth ``failed``)
   ``files``    10.77.0.13  Samba (the Windows record logs in)
   ``web``      10.77.0.14  an HTTP server on 80 and HTTPS on 443
@@ -28,8 +28,9 @@ tears it all down on exit, even on failure or Ctrl-C:
 - a knowledge-base bundle published on the platform: OSV records built at
   run time from this machine's ``dpkg-query`` (the SSH targets share its
   filesystem), affecting the installed ``openssl``, ``openssh`` and ``sudo``
-  source packages (fixed just above the installed versions), and three
-  records that must match nothing.
+  source packages (fixed just above the installed versions), one Ubuntu
+  record (which only ``app2`` must match) and two records that must match
+  nothing.
 
 The ground truth (:class:`ExpectedHost`) is computed from the sources, never
 from the appliance: addresses and EC2 facts from moto's own answers, open
@@ -91,6 +92,13 @@ TCP_PORTS = "standard"
 KB_VERSION_PREFIX = "demo"
 FIX_SUFFIX = "+vsa1"  # appended to an installed Debian version: sorts just above it
 WEB_PORTS = (80, 443)
+# app2's os-release claims Ubuntu over this machine's dpkg (its own copy of /etc): the
+# appliance must take the ecosystem from os-release and match Ubuntu's records only.
+OTHER_OS_RELEASE = (
+    'PRETTY_NAME="Ubuntu 22.04.5 LTS"\nNAME="Ubuntu"\nVERSION_ID="22.04"\n'
+    'VERSION="22.04.5 LTS (Jammy Jellyfish)"\nVERSION_CODENAME=jammy\nID=ubuntu\nID_LIKE=debian\n'
+)
+OTHER_OS_HOSTS = ("app2",)
 
 
 def say_nothing(_message: str) -> None:
@@ -201,8 +209,17 @@ def installed_packages() -> list[InstalledPackage]:
 def os_release() -> dict[str, str]:
     """This machine's os-release as a dict (what the SSH targets report)."""
     path = Path("/etc/os-release") if Path("/etc/os-release").exists() else Path("/usr/lib/os-release")
+    return _parse_release(path.read_text())
+
+
+def _release_name(text: str) -> str:
+    values = _parse_release(text)
+    return values.get("PRETTY_NAME") or values.get("NAME") or "another distribution"
+
+
+def _parse_release(text: str) -> dict[str, str]:
     values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep and key.strip():
             values[key.strip()] = value.strip().strip('"').strip("'")
@@ -217,13 +234,22 @@ AFFECTING = (
 )
 
 
-def knowledge_base(packages: list[InstalledPackage], ecosystem: str) -> tuple[list[dict[str, Any]], list[ExpectedFinding]]:
-    """OSV records for this machine's packages, and the findings they must give on a target sharing its dpkg."""
+def knowledge_base(packages: list[InstalledPackage], ecosystem: str, other_ecosystem: str = "Ubuntu:22.04:LTS"
+                   ) -> tuple[list[dict[str, Any]], dict[str, list[ExpectedFinding]]]:
+    """OSV records for this machine's packages, and the findings they give per host ecosystem.
+
+    ``ecosystem`` is this machine's (``Debian:12``): three records affect the
+    installed openssl, openssh and sudo sources, fixed just above the installed
+    versions. One record of ``other_ecosystem`` affects openssl with no fix: a
+    target whose os-release claims that distribution (over this machine's dpkg)
+    gets it and none of the others. Two more records match nothing anywhere
+    (fixed long ago; a package no target has).
+    """
     by_source: dict[str, list[InstalledPackage]] = {}
     for p in packages:
         by_source.setdefault(p.source_name, []).append(p)
     records: list[dict[str, Any]] = []
-    expected: list[ExpectedFinding] = []
+    expected: dict[str, list[ExpectedFinding]] = {ecosystem: [], other_ecosystem: []}
     for advisory_id, source, severity, summary in AFFECTING:
         binaries = by_source.get(source)
         if not binaries:
@@ -232,18 +258,18 @@ def knowledge_base(packages: list[InstalledPackage], ecosystem: str) -> tuple[li
         fixed = max(b.source_version for b in binaries) + FIX_SUFFIX
         records.append(_osv(advisory_id, summary, severity, ecosystem, source,
                             [{"introduced": "0"}, {"fixed": fixed}]))
-        for b in binaries:
-            expected.append(ExpectedFinding(advisory_id, severity, b.name,
-                                            source if source != b.name else None, b.version, fixed))
-    any_source = next(iter(sorted(by_source)), "openssl")
-    # Three records that must match nothing: fixed long ago, a package not installed,
-    # and another distribution's ecosystem.
-    records.append(_osv("VSA-DEMO-2026-0101", "fixed long ago", 4, ecosystem, any_source,
+        expected[ecosystem] += [ExpectedFinding(advisory_id, severity, b.name, source if source != b.name else None,
+                                                b.version, fixed) for b in binaries]
+    other_source = "openssl" if "openssl" in by_source else next(iter(sorted(by_source)), "openssl")
+    records.append(_osv("VSA-DEMO-2026-0103", f"{other_source} on {other_ecosystem}: no fix yet", 5,
+                        other_ecosystem, other_source, [{"introduced": "0"}]))
+    expected[other_ecosystem] += [ExpectedFinding("VSA-DEMO-2026-0103", 5, b.name,
+                                                  other_source if other_source != b.name else None, b.version, None)
+                                  for b in by_source.get(other_source, [])]
+    records.append(_osv("VSA-DEMO-2026-0101", "fixed long ago", 4, ecosystem, other_source,
                         [{"introduced": "0"}, {"fixed": "0.0.1-1"}]))
     records.append(_osv("VSA-DEMO-2026-0102", "a package no target has", 5, ecosystem,
                         "vsa-demo-not-installed", [{"introduced": "0"}]))
-    records.append(_osv("VSA-DEMO-2026-0103", "another distribution", 5, "Ubuntu:22.04:LTS", any_source,
-                        [{"introduced": "0"}]))
     return records, expected
 
 
@@ -508,12 +534,17 @@ def build_fleet(workdir: Path, *, say: Callable[[str], None] = say_nothing,
         users = sshlab.LabUsers([sshlab.LabUser(SCAN_USER, None, "ALL=(ALL) NOPASSWD: ALL", (key_pub,))])
         denied_users = sshlab.LabUsers([sshlab.LabUser(SCAN_USER, None, None, (other,))])
         etc = sshlab.LabEtc.create(workdir / "etc-copy", users)
+        other_etc = sshlab.LabEtc.create(workdir / "etc-copy-other", users)
+        release_path = other_etc.path / "os-release"
+        release_path.unlink()  # a symlink to ../usr/lib/os-release on Debian: replace it by a file
+        release_path.write_text(OTHER_OS_RELEASE)
         metadata: dict[str, dict[str, Any]] = {}
         for name, _octet, role, _type, _tags in TARGETS:
             host = hosts[name]
             if role in ("ssh", "ssh-denied"):
                 server = sshlab.SshServer(lab, host, workdir / f"sshd-{name}",
-                                          users if role == "ssh" else denied_users, etc)
+                                          users if role == "ssh" else denied_users,
+                                          other_etc if name in OTHER_OS_HOSTS else etc)
                 server.setup()
                 server.start()
                 if role == "ssh":
@@ -558,8 +589,9 @@ def build_fleet(workdir: Path, *, say: Callable[[str], None] = say_nothing,
         kb_records, kb_findings = knowledge_base(packages, ecosystem)
         kb_version = f"{KB_VERSION_PREFIX}.{time.strftime('%Y%m%d')}.{secrets.token_hex(2)}"
         platform.publish_signatures(kb_records, version=kb_version)
-        say(f"knowledge base {kb_version}: {len(kb_records)} OSV records for {ecosystem} "
-            f"({len(kb_findings)} findings expected per Linux host)")
+        say(f"knowledge base {kb_version}: {len(kb_records)} OSV records for {' and '.join(kb_findings)}; "
+            f"the Linux targets run this machine's {len(packages)} packages, and "
+            f"{', '.join(OTHER_OS_HOSTS)} claims to be {_release_name(OTHER_OS_RELEASE)} in its os-release")
 
         records = [
             {"type": "unix", "id": "rec-linux", "title": "Linux fleet", "username": SCAN_USER, "password": None,
@@ -724,9 +756,14 @@ def _ground_truth(lab: NetnsLab, hosts: Mapping[str, Host], truth: Mapping[str, 
             host.ports = tuple(known_ports.get(p, ExpectedPort(p, None, None, None, None)) for p in host.tcp_ports)
         if role == "ssh":
             host.auth = (ExpectedAuth("rec-linux", "unix", "success", True), na_windows)
-            host.os = linux_os
-            host.packages_manager, host.packages_ecosystem, host.package_count = "dpkg", ecosystem, package_count
-            host.findings = tuple(kb_findings)
+            host_release, host_ecosystem = release, ecosystem
+            if name in OTHER_OS_HOSTS:
+                host_release = _parse_release(OTHER_OS_RELEASE)
+                host_ecosystem = debian_ecosystem(host_release)
+            host.os = {**linux_os, "name": host_release.get("NAME") or host_release.get("ID"),
+                       "version": host_release.get("VERSION_ID")}
+            host.packages_manager, host.packages_ecosystem, host.package_count = "dpkg", host_ecosystem, package_count
+            host.findings = tuple(kb_findings[host_ecosystem])
             host.instance_metadata = metadata[name]
         elif role == "ssh-denied":
             host.auth = (ExpectedAuth("rec-linux", "unix", "failed", False), na_windows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from appliance.kb.match import KnowledgeBase
 from appliance.lab.demo import host_result_from_wire, phase_durations, results_table
 from appliance.lab.fleet import FIX_SUFFIX, InstalledPackage, debian_ecosystem, knowledge_base
@@ -26,7 +28,10 @@ PACKAGES = [
 
 
 def test_knowledge_base_affects_each_binary_of_the_chosen_sources() -> None:
-    records, expected = knowledge_base(PACKAGES, "Debian:12")
+    records, by_ecosystem = knowledge_base(PACKAGES, "Debian:12")
+    expected = by_ecosystem["Debian:12"]
+    assert {(f.id, f.package, f.source_package, f.fixed) for f in by_ecosystem["Ubuntu:22.04:LTS"]} == {
+        ("VSA-DEMO-2026-0103", "libssl3", "openssl", None), ("VSA-DEMO-2026-0103", "openssl", None, None)}
     assert {(f.id, f.package, f.source_package) for f in expected} == {
         ("VSA-DEMO-2026-0001", "libssl3", "openssl"), ("VSA-DEMO-2026-0001", "openssl", None),
         ("VSA-DEMO-2026-0002", "openssh-client", "openssh"), ("VSA-DEMO-2026-0003", "sudo", None)}
@@ -35,19 +40,20 @@ def test_knowledge_base_affects_each_binary_of_the_chosen_sources() -> None:
     assert {r["id"] for r in records} >= {"VSA-DEMO-2026-0101", "VSA-DEMO-2026-0102", "VSA-DEMO-2026-0103"}
 
 
-def test_knowledge_base_agrees_with_the_appliance_matcher() -> None:
+@pytest.mark.parametrize("ecosystem", ["Debian:12", "Ubuntu:22.04:LTS"])
+def test_knowledge_base_agrees_with_the_appliance_matcher(ecosystem: str) -> None:
     """The ground truth and the appliance's matcher read the same records the same way."""
     records, expected = knowledge_base(PACKAGES, "Debian:12")
-    packages = Packages("dpkg", "Debian:12", tuple(Package(p.name, p.version, "amd64", p.source_name,
-                                                             p.source_version) for p in PACKAGES))
+    packages = Packages("dpkg", ecosystem, tuple(Package(p.name, p.version, "amd64", p.source_name,
+                                                           p.source_version) for p in PACKAGES))
     found = KnowledgeBase.from_records(records).match(packages)
     assert sorted((f.id, f.package, f.source_package, f.installed, f.fixed, f.severity) for f in found) == sorted(
-        (f.id, f.package, f.source_package, f.installed, f.fixed, f.severity) for f in expected)
+        (f.id, f.package, f.source_package, f.installed, f.fixed, f.severity) for f in expected[ecosystem])
 
 
 def test_knowledge_base_skips_sources_not_installed() -> None:
     records, expected = knowledge_base(PACKAGES[:2], "Debian:12")
-    assert {f.id for f in expected} == {"VSA-DEMO-2026-0001"}
+    assert {f.id for f in expected["Debian:12"]} == {"VSA-DEMO-2026-0001"}
     assert not any(r["id"] == "VSA-DEMO-2026-0002" for r in records)
 
 

@@ -65,6 +65,7 @@ class EngineLab:
         self.platform_proc: subprocess.Popen[bytes] | None = None
         self.daemon: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.aws_endpoint = "http://127.0.0.1:9"  # nothing listens there: STS/EC2 unreachable
         self._run_offset = 0
         Platform.init(self.platform_dir, poll_interval_s=2).close()
         self.platform = Platform(self.platform_dir)
@@ -103,7 +104,7 @@ class EngineLab:
             "[platform]", f'url = "https://127.0.0.1:{self.port}"', f'ca_file = "{self.platform.ca_file}"',
             "[state]", f'dir = "{self.state_dir}"',
             "[imds]", "disabled = true",
-            "[aws]", 'sts_endpoint = "http://127.0.0.1:9"', 'ec2_endpoint = "http://127.0.0.1:9"',
+            "[aws]", f'sts_endpoint = "{self.aws_endpoint}"', f'ec2_endpoint = "{self.aws_endpoint}"',
             "[signatures]", f'public_key = "{self.platform.signing_public_key()}"',
         ]) + "\n")
         user_data = self.tmp / "user-data"
@@ -497,3 +498,82 @@ def dpkg_version(package: str) -> str:
     """The installed version of a Debian package on this machine (the lab's hosts share its files)."""
     return subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True,
                           timeout=30, check=True).stdout
+
+
+# --- EC2 targets through moto (in the hub, beside the daemon) -------------------------------------
+
+SEED_SCRIPT = """
+import json, sys
+from appliance.lab.moto import Ec2Seeder, MotoServer
+seeder = Ec2Seeder(MotoServer(port=int(sys.argv[1])))
+vpc = seeder.vpc("us-east-1", "10.77.0.0/16")
+subnet = seeder.subnet("us-east-1", vpc, "10.77.0.0/24")
+out = {"vpc": vpc}
+out["web"] = seeder.launch(subnet, private_ip=sys.argv[2], tags={"env": "lab", "Name": "web-1"})[0]
+out["nano"] = seeder.launch(subnet, private_ip=sys.argv[3], instance_type="t3.nano", tags={"env": "lab"})[0]
+out["gone"] = seeder.launch(subnet, private_ip="10.77.0.70", tags={"env": "lab"})[0]
+out["other"] = seeder.launch(subnet, private_ip="10.77.0.71", tags={"env": "prod"})[0]
+seeder.terminate("us-east-1", [out["gone"]])
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def moto_fleet(port_lab: PortLab) -> Iterator[dict[str, Any]]:
+    """moto_server in the hub, seeded with instances on lab hosts (a web host, a t3.nano, a terminated one)."""
+    from appliance.lab.moto import free_port, moto_server_path
+
+    lab = port_lab.lab
+    web = lab.add_host("ec2web", ip="10.77.0.60")
+    nano = lab.add_host("ec2nano", ip="10.77.0.61")
+    for host in (web, nano):
+        lab.popen(host.netns, [sys.executable, "-m", "appliance.lab.portlab", "serve", "--ports", "22,80"],
+                  stdout=subprocess.DEVNULL)
+    port = free_port()
+    lab.popen(lab.hub, [moto_server_path(), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        seeded = lab.hub_run(sys.executable, "-c", SEED_SCRIPT, str(port), web.ip, nano.ip, check=False)
+        if seeded.returncode == 0:
+            break
+        assert time.monotonic() < deadline, f"moto could not be seeded: {seeded.stderr[-2000:]}"
+        time.sleep(0.5)
+    for host in (web, nano):
+        while lab.hub_run("bash", "-c", f"exec 3<>/dev/tcp/{host.ip}/80", check=False).returncode != 0:
+            assert time.monotonic() < deadline + 10, f"the listener of {host.ip} did not start"
+            time.sleep(0.1)
+    fleet = json.loads(seeded.stdout)
+    fleet.update(url=f"http://127.0.0.1:{port}", web_ip=web.ip, nano_ip=nano.ip)
+    yield fleet
+
+
+def test_ec2_selection_targets_instances_by_tag_with_their_facts(engine_lab: EngineLab,
+                                                                 moto_fleet: dict[str, Any]) -> None:
+    engine_lab.kill_daemon(signal.SIGTERM)
+    engine_lab.aws_endpoint = moto_fleet["url"]
+    engine_lab.start_daemon()
+    empty = engine_lab.portlab.empty_ip
+    job_id = engine_lab.platform.submit_job({
+        "type": "discovery", "title": "ec2 by tag",
+        "targets": {"ips": [empty], "ec2": {"role_arn": None, "regions": ["us-east-1"], "platform": "vpc_all",
+                                            "tags_include": [{"key": "env", "value": "lab"}]}},
+        "options": {"tcp_ports": "22,80"},
+    })
+    report = engine_lab.wait_completed(job_id, 120)
+    web, nano, gone = moto_fleet["web"], moto_fleet["nano"], moto_fleet["gone"]
+    assert_exactly_once(engine_lab, job_id, report, {web, nano, gone, empty})
+    hosts = report["hosts"]
+    assert hosts[web]["status"] == "scanned" and [p["port"] for p in hosts[web]["ports"]] == [22, 80]
+    target = hosts[web]["target"]
+    assert (target["ip"], target["instance_id"], target["region"], target["vpc_id"]) == (
+        moto_fleet["web_ip"], web, "us-east-1", moto_fleet["vpc"])
+    assert target["tags"] == {"env": "lab", "Name": "web-1"}
+    assert (hosts[nano]["status"], hosts[nano]["reason"]) == ("excluded", "small_instance_type")
+    assert (hosts[gone]["status"], hosts[gone]["reason"]) == ("excluded", "terminated")
+    assert hosts[empty]["status"] == "down"
+    assert moto_fleet["other"] not in hosts  # outside the selection: not a target
+    completion = report["completion"]
+    assert completion["status"] == "finished" and completion["reason"] is None
+    assert completion["summary"] == {"hosts_targeted": 4, "hosts_alive": 1, "hosts_excluded": 2,
+                                     "hosts_scanned": 1, "findings": 0}

@@ -80,7 +80,7 @@ def accuracy(found: dict[str, set[int]], truth: dict[str, set[int]], ips: list[s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=int, default=200_000, help="our SYN engine's rate_pps (default 200000)")
+    parser.add_argument("--rate", type=int, default=200_000, help="our SYN engine rate_pps (default 200000)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per tool of the shorter scenarios (default 3; syn_all runs once); medians")
     parser.add_argument("--skip-nmap-all", action="store_true",

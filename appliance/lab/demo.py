@@ -50,9 +50,9 @@ from appliance.results import (
 )
 from appliance.scan import report
 
-REGISTER_TIMEOUT_S = 90.0
+REGISTER_TIMEOUT_S = 60.0
 ACCEPT_TIMEOUT_S = 60.0
-JOB_TIMEOUT_S = 420.0
+JOB_TIMEOUT_S = 200.0  # a demo job takes about 7 s; below pytest-timeout (300 s) with boot
 PROGRESS_STEP_S = 0.5
 RSS_SAMPLE_S = 0.2
 DEFAULT_REPORT = Path("out/demo-report.html")

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from appliance.lab.demo import Outcome, Scenario, accounting, results_table
+from appliance.lab.demo import DemoError, Outcome, Scenario, accounting, results_table
 from appliance.lab.fleet import (
     ExpectedHost,
     Fleet,
@@ -63,6 +63,11 @@ def run() -> Iterator[Run]:
         try:
             appliance_id = scenario.boot()
             outcome = scenario.run_job(appliance_id)
+        except DemoError as exc:
+            scenario.stop()
+            console = "\n".join(scenario.console)
+            journal = fleet.daemon_log.read_text(errors="replace")[-4000:]
+            pytest.fail(f"{exc}\nconsole:\n{console}\njournal (end):\n{journal}")
         finally:
             code = scenario.stop()
         by_key = outcome.report["hosts"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from appliance.lab.netns import NetnsLab, lab_available
+from appliance.lab.netns import Host, NetnsLab, lab_available
 from appliance.lab.platform.admin import Platform
 from appliance.lab.portlab import PortLab, build_port_lab
 from appliance.scan.sender import SEND_CONCURRENCY
@@ -35,6 +35,7 @@ from tests.conftest import require
 REPO = Path(__file__).resolve().parents[2]
 VSA = REPO / ".venv" / "bin" / "vsa"
 SILENT_BASE = 100  # 10.77.0.100.. : addresses with no host (discovery gives up on them)
+LAB_NAME = "web.lab.test"  # in the hub's /etc/hosts, with two addresses
 
 
 def vsa_argv() -> list[str]:
@@ -48,7 +49,13 @@ def port_lab() -> Iterator[PortLab]:
     reason = lab_available()
     require(reason is None, reason or "")
     with NetnsLab() as lab:
-        yield build_port_lab(lab, answering=3, ports_per_host=3, dropping=True, empty=True)
+        portlab = build_port_lab(lab, answering=3, ports_per_host=3, dropping=True, empty=True)
+        # Names for the hub (the daemon's namespace): one with two addresses; no DNS server answers there.
+        hub = Host(name="hub", netns=lab.hub, ip=lab.scanner_ip)
+        first, second = portlab.answering_ips[:2]
+        lab.write_etc(hub, "hosts", f"127.0.0.1 localhost\n{first} {LAB_NAME}\n{second} {LAB_NAME}\n")
+        lab.write_etc(hub, "resolv.conf", "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        yield portlab
 
 
 class EngineLab:
@@ -578,3 +585,20 @@ def test_ec2_selection_targets_instances_by_tag_with_their_facts(engine_lab: Eng
     assert completion["status"] == "finished" and completion["reason"] is None
     assert completion["summary"] == {"hosts_targeted": 4, "hosts_alive": 1, "hosts_excluded": 2,
                                      "hosts_scanned": 1, "findings": 0}
+
+
+def test_hostnames_are_resolved_at_run_time_every_address_scanned(engine_lab: EngineLab) -> None:
+    first, second = engine_lab.portlab.answering_ips[:2]
+    job_id = engine_lab.platform.submit_job({
+        "type": "discovery", "title": "names",
+        "targets": {"hostnames": [LAB_NAME, "nowhere.lab.test"]},
+        "options": {"tcp_ports": "light"},
+    })
+    report = engine_lab.wait_completed(job_id, 60)
+    assert_exactly_once(engine_lab, job_id, report, {first, second})
+    for ip in (first, second):
+        assert report["hosts"][ip]["target"]["hostname"] == LAB_NAME
+        assert report["hosts"][ip]["status"] == "scanned"
+    completion = report["completion"]
+    assert completion["status"] == "failed" and completion["reason"] == "target_resolution_failed"
+    assert "nowhere.lab.test cannot be resolved" in completion["message"]

@@ -446,3 +446,23 @@ def test_cancel_stops_the_job_discards_results_and_sends_no_completion(
     assert engine.snapshot().running_jobs == ()
     assert "job j-c canceled by the platform: stopped; 0 results not yet sent discarded" in lines
     assert Spool(tmp_path / "state").job("j-c").state == "dropped"  # type: ignore[union-attr]
+
+
+def test_restart_accepts_again_a_job_journaled_before_its_accept(tmp_path: Path) -> None:
+    spec = job("j-o")
+    spool = Spool(tmp_path / "state")
+    spool.journal_job("j-o", dict(spec.raw))  # killed right after the journal, before (or during) the accept
+    spool.close()
+    lines: list[str] = []
+
+    async def main() -> FakeClient:
+        engine, client = make_engine(tmp_path, lines), FakeClient()
+        client.script("POST", "/accept", (200, {"job": dict(spec.raw)}))  # the holder's re-accept is 200
+        engine.use_platform(client)  # type: ignore[arg-type]
+        await until(lambda: any("finished" in x for x in lines))
+        return client
+
+    client = asyncio.run(main())
+    assert len(client.of("POST", "/accept")) == 1
+    assert sorted(client.of("POST", "/complete")[0][2]["host_keys"]) == ["127.0.0.1", "127.0.0.2"]
+    assert any(x.startswith("resuming job j-o (offered") for x in lines)

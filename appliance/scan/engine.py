@@ -275,6 +275,20 @@ class _Job:
     last_progress_at: float = 0.0
     last_progress_phase: str | None = None
     checks_pending: set[asyncio.Task[None]] = field(default_factory=set)
+    phase_s: dict[str, float] = field(default_factory=dict)  # wall time spent in each phase
+    phase_since: float = field(default_factory=time.monotonic)
+
+    def enter(self, phase: str) -> None:
+        """Move to ``phase``, adding the time spent in the previous one to :attr:`phase_s`."""
+        now = time.monotonic()
+        self.phase_s[self.phase] = self.phase_s.get(self.phase, 0.0) + now - self.phase_since
+        self.phase, self.phase_since = phase, now
+
+    def timings(self) -> str:
+        """``resolving 0.1 s, discovery 1.2 s, ...`` (the phase in progress included)."""
+        spent = dict(self.phase_s)
+        spent[self.phase] = spent.get(self.phase, 0.0) + time.monotonic() - self.phase_since
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items() if name != "offered")
 
 
 class JobEngine:
@@ -548,7 +562,7 @@ class JobEngine:
                 self.spool.set_job_state(job.job_id, "running")
                 title = raw.get("title") if isinstance(raw.get("title"), str) else None
                 job.title = title
-                job.phase = "resolving"
+                job.enter("resolving")
                 kind = raw.get("type") if isinstance(raw.get("type"), str) else "?"
                 self.console.say(f"job accepted: {job.job_id} ({kind}{f', {title!r}' if title else ''})")
                 return raw
@@ -625,7 +639,7 @@ class JobEngine:
     async def _scan(self, job: _Job, raw: Mapping[str, Any], plan: _Plan) -> dict[str, Any]:
         from appliance.scan.targets import scope_targets
 
-        job.phase = "resolving"
+        job.enter("resolving")
         self._progress(job, force=True)
         failures: list[str] = []
         named, name_failures = await resolve_hostnames(plan.spec.targets.hostnames)
@@ -674,7 +688,7 @@ class JobEngine:
                 if s.target.host_key in missing:
                     self._spool(job, error_result(s.target, timed_out))
         summary = summary_from_counts(*self.spool.status_counts(job.job_id))
-        job.phase = "uploading"
+        job.enter("uploading")
         self._progress(job, force=True)
         return completion_for(summary, resolution_failure="; ".join(failures) or None, timed_out=timed_out)
 
@@ -712,7 +726,7 @@ class JobEngine:
                     # Do not run far ahead of the checks: at most two batches wait for them.
                     while len(job.checks_pending) > 2 * plan.parallel:
                         await asyncio.wait(job.checks_pending, return_when=asyncio.FIRST_COMPLETED)
-                    job.phase = "discovery" if start == 0 else "scanning"
+                    job.enter("discovery" if start == 0 else "scanning")
                     self._progress(job)
                     try:
                         run = await asyncio.wait_for(
@@ -738,7 +752,9 @@ class JobEngine:
                         executor.shutdown(wait=False, cancel_futures=True)
 
     def _scan_phase(self, job: _Job, phase: str) -> None:
-        job.phase = "discovery" if phase == "discovery" else "scanning"
+        # Discovery is a phase of the first batch only: later batches' discovery is part of scanning.
+        if job.phase != "scanning":
+            job.enter("discovery" if phase == "discovery" else "scanning")
         self._progress(job)
 
     def _host_checks(self, plan: _Plan) -> Any:
@@ -836,7 +852,8 @@ class JobEngine:
     # --- completion and ending ---
 
     async def _complete(self, job: _Job) -> None:
-        job.phase = "uploading"
+        if job.phase != "uploading":
+            job.enter("uploading")
         attempt = 0
         while True:
             if job.ended:
@@ -860,6 +877,7 @@ class JobEngine:
             if 200 <= status < 300:
                 self.spool.finish_job(job.job_id, "done")
                 job.ended = True
+                log.info("job %s completed; wall time per phase: %s", job.job_id, job.timings())
                 self.console.say(completion_words(job.job_id, journaled.completion))
                 self.waker.wake()  # poll soon: the platform may have more work
                 return

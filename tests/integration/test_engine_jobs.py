@@ -279,6 +279,9 @@ def test_plain_ips_job_completes_with_one_result_per_target(engine_lab: EngineLa
     console = engine_lab.console()
     assert f"job accepted: {job_id} (discovery, 'plain ips')" in console
     assert f"job {job_id} finished: {len(ips)} hosts targeted" in console
+    journal = engine_lab.stderr_path.read_text(errors="replace")
+    assert re.search(rf"job {job_id} completed; wall time per phase: resolving [\d.]+ s, discovery [\d.]+ s, "
+                     r"scanning [\d.]+ s, uploading [\d.]+ s", journal), journal[-2000:]
     # Progress reached the platform, and the job left the spool once completed.
     assert engine_lab.platform.count_requests(method="POST", path=f"/vsa/v1/jobs/{job_id}/progress") >= 1
     engine_lab.wait_for(lambda: engine_lab.heartbeat().get("spool_pending") == 0

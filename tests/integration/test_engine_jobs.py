@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -421,18 +422,21 @@ SILENT_SSH_SCRIPT = (
 
 
 @pytest.fixture(scope="module")
-def ssh_targets(port_lab: PortLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def ssh_targets(port_lab: PortLab) -> Iterator[dict[str, Any]]:
     """A real sshd (key login, NOPASSWD sudo) and a host whose port 22 accepts and never answers."""
     from appliance.lab import sshlab
 
     reason = sshlab.ssh_lab_available()
     require(reason is None, reason or "")
+    with tempfile.TemporaryDirectory(prefix="vsa-engine-ssh-") as tmp:
+        yield from _ssh_targets(port_lab, Path(tmp))
+
+
+def _ssh_targets(port_lab: PortLab, workdir: Path) -> Iterator[dict[str, Any]]:
+    from appliance.lab import sshlab
+
     lab = port_lab.lab
-    workdir = tmp_path_factory.mktemp("engine-ssh")
-    os.chmod(workdir, 0o755)
-    for parent in workdir.parents:  # sshd reads authorized keys as the user
-        if str(parent).startswith("/tmp/"):
-            os.chmod(parent, 0o755)
+    os.chmod(workdir, 0o755)  # sshd reads authorized keys as the user
     keys = sshlab.make_user_keys(workdir / "keys")
     users = sshlab.LabUsers(users=[sshlab.LabUser(SSH_USER, None, "ALL=(ALL) NOPASSWD: ALL",
                                                   (keys["ed25519-openssh"].public,))])

@@ -35,6 +35,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,13 +282,15 @@ async def _error_text(response: aiohttp.ClientResponse) -> str:
 
 
 async def _download(session: aiohttp.ClientSession, url: URL, handle: Any, *, version: str,
-                    max_bytes: int, client_timeout: aiohttp.ClientTimeout) -> tuple[int, str]:
+                    max_bytes: int, client_timeout: aiohttp.ClientTimeout,
+                    request_kwargs: Mapping[str, Any]) -> tuple[int, str]:
     """Stream the bundle into ``handle``; (bytes received, sha256 hex)."""
     digest = hashlib.sha256()
     received = 0
     what = f"signatures {version}"
     try:
-        async with session.get(url, allow_redirects=False, timeout=client_timeout) as response:
+        async with session.get(url, allow_redirects=False, timeout=client_timeout,
+                               **request_kwargs) as response:
             if 300 <= response.status < 400:
                 raise BundleOriginRefused(
                     f"{what}: the platform answered {response.status} with a redirect to "
@@ -386,10 +389,13 @@ async def download_and_install(
     total_timeout_s: float = DOWNLOAD_TOTAL_TIMEOUT_S,
     read_timeout_s: float = DOWNLOAD_READ_TIMEOUT_S,
     console: Console | None = None,
+    request_kwargs: Mapping[str, Any] | None = None,
 ) -> InstalledBundle:
     """Fetch, verify and install ``offer``; the installed bundle with its index.
 
-    ``session`` is the caller's (with its mTLS and proxy settings); ``public_key``
+    ``session`` is the caller's (with its mTLS settings) and ``request_kwargs``
+    the options each request needs on it (the PROXY_URL tunnel: ``proxy`` and
+    ``proxy_auth``, as :meth:`PlatformClient.authenticated_transport` gives them); ``public_key``
     the raw 32-byte Ed25519 key (:func:`load_public_key`). On failure raises a
     :class:`BundleRefused` subclass; the previously installed bundle stays
     installed and :func:`installed_version` still reports it. When ``console`` is
@@ -405,7 +411,8 @@ async def download_and_install(
         timeout = aiohttp.ClientTimeout(total=total_timeout_s, sock_read=read_timeout_s)
         with os.fdopen(fd, "wb") as handle:
             size, digest = await _download(session, url, handle, version=offer.version,
-                                           max_bytes=max_bytes, client_timeout=timeout)
+                                           max_bytes=max_bytes, client_timeout=timeout,
+                                           request_kwargs=request_kwargs or {})
             handle.flush()
             os.fsync(handle.fileno())
         if not hmac.compare_digest(digest, offer.sha256):

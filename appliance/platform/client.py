@@ -176,6 +176,14 @@ class PlatformClient:
             self._mutual = platform_session(self._context(self._client_cert), **self._timeouts)
         return self._mutual
 
+    def authenticated_transport(self) -> tuple[aiohttp.ClientSession, dict[str, Any]]:
+        """The mTLS session and the options every request on it needs (the PROXY_URL tunnel).
+
+        For streamed downloads (the signatures bundle) that cannot go through
+        :meth:`call`'s bounded JSON reading, yet must take the same path.
+        """
+        return self._session(mutual=True), self.proxy.request_kwargs()
+
     def _context(self, client_cert: tuple[Path, Path] | None) -> ssl.SSLContext:
         try:
             if client_cert is None:

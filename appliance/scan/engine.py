@@ -441,11 +441,12 @@ class JobEngine:
         try:
             wire = bundle.SignaturesOffer.from_wire(
                 {"version": offer.version, "url": offer.url, "sha256": offer.sha256, "signature": offer.signature})
-            session = client._session(mutual=True)  # the mTLS session of the platform client
+            # The platform client's mTLS session, through PROXY_URL like every platform request.
+            session, request_kwargs = client.authenticated_transport()
             installed = await bundle.download_and_install(
                 session, platform_origin=client.origin, offer=wire,
                 public_key=self.config.signatures_public_key, state_dir=self.config.state_dir,
-                console=self.console)
+                console=self.console, request_kwargs=request_kwargs)
         except BundleRefused as exc:
             log.warning("signatures %s refused: %s", offer.version, exc)  # the console has said it
             return

@@ -327,3 +327,24 @@ async def test_wrong_configured_key_is_a_signature_refusal(
         await download_and_install(session, platform_origin=platform.origin, offer=offer,
                                    public_key=other_key, state_dir=tmp_path)
     _assert_old_bundle_in_use(tmp_path)
+
+
+async def test_download_takes_the_callers_proxy(platform: Platform, session: aiohttp.ClientSession,
+                                                tmp_path: Path) -> None:
+    # The daemon passes the PROXY_URL tunnel (proxy, proxy_auth) with its mTLS session:
+    # a real Squid must see the bundle request, authenticated.
+    from conftest import require
+
+    from appliance.lab.squid import Squid, squid_available
+
+    require(squid_available() is None, squid_available() or "")
+    with Squid(users={"jdoe": "bundle-proxy-pw"}) as squid:
+        offer = platform.publish("2026.12.05.1", make_bundle("DSA-9"))
+        bundle = await download_and_install(
+            session, platform_origin=platform.origin, offer=offer, public_key=platform.public_key,
+            state_dir=tmp_path,
+            request_kwargs={"proxy": squid.url, "proxy_auth": aiohttp.BasicAuth("jdoe", "bundle-proxy-pw")})
+        assert bundle.version == "2026.12.05.1"
+        log = squid.access_log_text()
+    assert f"{platform.origin}/vsa/v1/signatures/2026.12.05.1" in log
+    assert " jdoe " in log

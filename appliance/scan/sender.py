@@ -9,10 +9,12 @@ spool (:mod:`appliance.state.spool`) and sends each with
 - ``404``, ``409`` (``job_not_accepted``) and ``410``: the platform ended the
   appliance's interest in the job: the engine is told (it stops the job and
   drops what it spooled, with a console line);
-- ``429``, ``5xx``, network trouble and other refusals: backoff with full
-  jitter, honouring ``Retry-After``, retried without a limit in time. The
-  results sit in the spool meanwhile and scanning goes on: the scan never
-  waits for the sender.
+- ``429``, ``5xx`` and network trouble: backoff with full jitter, honouring
+  ``Retry-After``, retried without a limit in time. The results sit in the
+  spool meanwhile and scanning goes on: the scan never waits for the sender.
+- another refusal of one result (a ``400``: a bug on one side) is logged and
+  that result alone is retried later, on a slow schedule of its own, so it
+  never holds up the results queued behind it; it stays in the spool.
 
 The sender never decides what to send: the spool does. After a restart it
 simply finds the unsent rows again.
@@ -37,6 +39,8 @@ SEND_BATCH = 64  # rows read from the spool at a time
 SEND_CONCURRENCY = 4  # PUTs in flight at once (the platform is one server; keep it gentle)
 IDLE_WAIT_S = 5.0  # re-check the spool this often even without a wake-up
 ENDS_INTEREST = (404, 409, 410)
+REJECTED_RETRY_FIRST_S = 60.0  # a refused result is tried again after this, doubling each time
+REJECTED_RETRY_MAX_S = 3600.0
 
 # (job_id, status, error code, message) -> None: the platform ended interest in the job.
 InterestEnded = Callable[[str, int, str | None, str | None], Awaitable[None]]
@@ -82,6 +86,8 @@ class ResultSender:
         self.client: PlatformClient | None = None
         self._wake = asyncio.Event()
         self._failures = 0
+        # (job_id, host_key, version) -> (refusals so far, monotonic time of the next try)
+        self._rejected: dict[tuple[str, str, int], tuple[int, float]] = {}
         self.sent = 0
         self.last_error: str | None = None
 
@@ -104,7 +110,10 @@ class ResultSender:
                 await self._idle(IDLE_WAIT_S)
                 continue
             try:
-                rows = [r for r in self.spool.unsent(limit=SEND_BATCH) if self.is_live(r.job_id)]
+                now = asyncio.get_running_loop().time()
+                # Read past the refused results waiting for their own retry time.
+                rows = [r for r in self.spool.unsent(limit=SEND_BATCH + len(self._rejected))
+                        if self.is_live(r.job_id) and self._due(r, now)]
             except StateError as exc:
                 log.error("the spool cannot be read: %s", exc)
                 await self._idle(IDLE_WAIT_S)
@@ -115,6 +124,10 @@ class ResultSender:
             delay = await self._send_batch(client, rows)
             if delay is not None:
                 await asyncio.sleep(delay)
+
+    def _due(self, row: SpooledResult, now: float) -> bool:
+        refused = self._rejected.get((row.job_id, row.host_key, row.version))
+        return refused is None or refused[1] <= now
 
     async def _send_batch(self, client: PlatformClient, rows: list[SpooledResult]) -> float | None:
         """Send ``rows``; the backoff delay when the platform cannot take them now, else None."""
@@ -133,7 +146,7 @@ class ResultSender:
                 except PlatformError as exc:
                     trouble.append(exc)
                     return
-                await self._answered(row, status, body, trouble)
+                await self._answered(row, status, body)
 
         await asyncio.gather(*(one(r) for r in rows))
         if not trouble:
@@ -152,16 +165,23 @@ class ResultSender:
                 self._failures, exc, delay)
         return delay
 
-    async def _answered(self, row: SpooledResult, status: int, body: object, trouble: list[PlatformError]) -> None:
+    async def _answered(self, row: SpooledResult, status: int, body: object) -> None:
+        key = (row.job_id, row.host_key, row.version)
         if 200 <= status < 300:
             self.spool.mark_sent(row.job_id, row.host_key, row.version)
+            self._rejected.pop(key, None)
             self.sent += 1
             return
         if status in ENDS_INTEREST:
             await self.on_interest_ended(row.job_id, status, error_code(body), error_message(body))
             return
-        # Another 4xx (a 400 is a bug on one side): retried with backoff, as the client's contract says.
-        trouble.append(PlatformError(
+        # Another 4xx (a 400 is a bug on one side): this result alone waits, on a slow
+        # schedule of its own, so that it never holds up the results queued behind it.
+        count = self._rejected.get(key, (0, 0.0))[0] + 1
+        wait_s = min(REJECTED_RETRY_MAX_S, REJECTED_RETRY_FIRST_S * 2 ** (count - 1))
+        self._rejected[key] = (count, asyncio.get_running_loop().time() + wait_s)
+        self.last_error = (
             f"host result {row.host_key} of job {row.job_id}: the platform answered {status} "
             f"{error_code(body) or ''} {error_message(body) or ''}".strip()
-        ))
+        )
+        log.error("%s; it stays in the spool and is tried again in %.0f s", self.last_error, wait_s)

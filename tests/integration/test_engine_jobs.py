@@ -59,6 +59,9 @@ def port_lab() -> Iterator[PortLab]:
         yield portlab
 
 
+PLATFORM_OUTAGE_S = 60
+
+
 class EngineLab:
     """The reference platform and the daemon, both in the hub namespace of ``port_lab``."""
 
@@ -315,7 +318,8 @@ def test_platform_refusing_then_unreachable_mid_job_loses_nothing(engine_lab: En
     engine_lab.platform.fail_next(duration_s=4, status=503, retry_after_s=1)
     time.sleep(4)
     engine_lab.stop_platform()
-    time.sleep(8)  # scanning goes on meanwhile
+    time.sleep(PLATFORM_OUTAGE_S)  # unreachable for a minute (issue 9); scanning goes on meanwhile
+    assert engine_lab.daemon is not None and engine_lab.daemon.poll() is None, "the daemon must survive the outage"
     spooled_before = engine_lab.accepted_puts(job_id)
     engine_lab.start_platform()
     report = engine_lab.wait_completed(job_id, 150)

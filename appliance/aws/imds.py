@@ -19,14 +19,12 @@ as soon as it arrives and never logged.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal
 
@@ -36,6 +34,7 @@ from yarl import URL
 from appliance.config import DEFAULT_IMDS_ENDPOINT, Config
 from appliance.console import register_secret
 from appliance.errors import ImdsError
+from appliance.platform.retry import parse_retry_after
 
 log = logging.getLogger("vsa.imds")
 
@@ -131,25 +130,6 @@ class ImdsResponseError(ImdsError):
 
 
 # --- pure pieces: retry policy, listings, facts ---
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), or None."""
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    if text.isdigit():
-        return float(text)
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    reference = now or datetime.now(UTC)
-    return max(0.0, (when - reference).total_seconds())
 
 
 @dataclass(frozen=True)

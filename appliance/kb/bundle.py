@@ -60,6 +60,7 @@ from appliance.kb.errors import (
     KbFormatError,
 )
 from appliance.kb.match import KnowledgeBase
+from appliance.state.files import FILE_MODE, ensure_private_dir, fsync_dir
 
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024  # PROTOCOL.md: 256 MiB for a signatures bundle
 DOWNLOAD_TOTAL_TIMEOUT_S = 1800.0  # a 256 MiB bundle on a slow link
@@ -71,8 +72,6 @@ ED25519_SIGNATURE_BYTES = 64
 SIGNATURES_DIR = "signatures"
 CURRENT_FILE = "current.json"
 REFUSAL_FILE = "last_refusal.json"
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 # A version names a file: keep it to characters that cannot leave the directory.
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -180,18 +179,7 @@ def resolve_bundle_url(platform_origin: str, url: str, *, version: str | None = 
 
 def signatures_dir(state_dir: Path) -> Path:
     """``<state.dir>/signatures``, created 0700 if missing."""
-    path = Path(state_dir) / SIGNATURES_DIR
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask
-    return path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return ensure_private_dir(Path(state_dir) / SIGNATURES_DIR)
 
 
 def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
@@ -203,7 +191,7 @@ def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -365,7 +353,7 @@ def _install(directory: Path, tmp: Path, offer: SignaturesOffer) -> Path:
     final = directory / f"bundle-{offer.version}-{offer.sha256[:16]}.jsonl.gz"
     os.chmod(tmp, FILE_MODE)
     os.replace(tmp, final)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     _write_json_atomically(directory / CURRENT_FILE, {
         "version": offer.version, "file": final.name, "sha256": offer.sha256,
         "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

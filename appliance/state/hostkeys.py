@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.errors import StateError
+from appliance.state.files import DIR_MODE, FILE_MODE, fsync_dir
 
 PINS_DIRNAME = "ssh_host_keys"
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 MAX_PIN_FILE_BYTES = 4096  # a pin is ~200 bytes; anything larger is not ours
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
@@ -145,7 +144,7 @@ class HostKeyPins:
             return False
         except OSError as exc:
             raise StateError(f"cannot remove the host-key pin {path}: {exc.strerror}") from exc
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return True
 
     def pins(self) -> list[HostKeyPin]:
@@ -190,7 +189,7 @@ class HostKeyPins:
                 os.link(tmp, final)
             except FileExistsError:
                 return False
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             return True
         except OSError as exc:
             raise StateError(f"cannot write the host-key pin {final}: {exc.strerror}") from exc
@@ -223,17 +222,6 @@ def _parse_pin(path: Path, raw: bytes, host_key: str | None) -> HostKeyPin:
     if host_key is not None and pin.host_key != host_key:
         raise StateError(f"the host-key pin {path} names {pin.host_key!r}, not {host_key!r}")
     return pin
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- vsa hostkeys list | forget HOST_KEY ------------------------------------------------------

@@ -127,8 +127,13 @@ def certificate_subject(der: bytes) -> str | None:
 
 
 def _tls_context() -> ssl.SSLContext:
+    """TLS for *probing scan targets* only, never for the platform (platform/http.py verifies).
+
+    A target's certificate (self-signed or expired ones included) is read to
+    name its service; nothing is sent to the target beyond the probe, so there
+    is nothing to protect by verifying it.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    # Identification only: the certificate is read, never trusted for anything.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context

@@ -176,6 +176,46 @@ class Notifier:
         self.notify("STATUS=" + text.replace("\n", " ")[:200])
 
 
+# --- the status file, written without ever stopping the daemon ---
+
+
+class TolerantStatus:
+    """The status file (``vsa status``) whose write failures never stop the daemon.
+
+    A full disk (issue 11) made every ``status.update`` raise :class:`StateError`
+    out of the poll loop, and the daemon exited. The status file is a window for
+    the operator, not state the appliance depends on: a failed write is said
+    once on the console and logged, the facts stay in memory, and the next write
+    that succeeds brings the file up to date.
+    """
+
+    def __init__(self, status: StatusFile, console: Console) -> None:
+        """Wrap ``status``; ``console`` hears about the first failure of a run of them."""
+        self._status = status
+        self._console = console
+        self._failing = False
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The status as last merged (in memory, whether or not it reached the disk)."""
+        return self._status.data
+
+    def update(self, **changes: Any) -> None:
+        """Merge and write; a failed write is said once (until a write succeeds again)."""
+        try:
+            self._status.update(**changes)
+        except StateError as exc:
+            log.warning("the status file cannot be written: %s", exc)
+            if not self._failing:
+                self._failing = True
+                self._console.say(f"the status file cannot be written ({exc}); `vsa status` shows old facts "
+                                  "until it can; the daemon goes on")
+            return
+        if self._failing:
+            self._failing = False
+            self._console.say("the status file is written again")
+
+
 # --- the daemon ---
 
 
@@ -188,7 +228,7 @@ class Daemon:
         config: Config,
         console: Console,
         store: IdentityStore,
-        status: StatusFile,
+        status: StatusFile | TolerantStatus,
         sink: JobSink,
         waker: PollWaker,
         notifier: Notifier,
@@ -205,7 +245,7 @@ class Daemon:
         self.config = config
         self.console = console
         self.store = store
-        self.status = status
+        self.status = status if isinstance(status, TolerantStatus) else TolerantStatus(status, console)
         self.sink = sink
         self.waker = waker
         self.notifier = notifier
@@ -812,7 +852,7 @@ def build_daemon(
         )
 
     imds_factory = None if config.imds_disabled else (lambda: ImdsClient.from_config(config))
-    status = StatusFile(config.state_dir)
+    status = TolerantStatus(StatusFile(config.state_dir), console)  # MQTT writes it too
     store = IdentityStore(config.state_dir)
     waker = PollWaker()
     timings = Timings.from_env(environ)

@@ -50,6 +50,17 @@ accepted again (a re-accept is ``200`` for the holder), ``running`` jobs
 resolve their targets again and scan only the hosts with no result in the
 spool, ``completing`` jobs send what is unsent and complete.
 
+**A full disk** (issue 11): a spool write that fails for want of space
+(:class:`SpoolFullError`, wherever it happens: a host's result, the journal,
+a state change) pauses the job that met it and puts the engine in a
+*disk full* state, said once on the console. While in it, offered jobs are not
+accepted (not even journaled; the platform offers them again), and what the
+spool already holds stays and is still sent. A watcher looks at the free space
+every few seconds; once it is back, the engine says so, accepts work again and
+resumes the paused jobs from the journal (scanning only hosts with no result
+spooled, as after a restart). Nothing accepted is lost: a host whose result
+could not be written is simply scanned again.
+
 Console lines (RUNTIME.md): each job accepted, finished (with counts), failed
 (with the reason), canceled or dropped.
 """
@@ -102,6 +113,8 @@ RESOLUTION_ALLOWANCE_S = 300.0  # target resolution (STS/EC2, DNS) in the job de
 DEADLINE_HOST_TIMEOUTS_PER_BATCH = 2  # a batch: one port scan and one round of checks
 COMPLETE_POLL_S = 0.25  # how often the completion step looks whether everything is sent
 SIGNATURES_RETRY_S = 600.0  # a refused/failed bundle version is tried again after this long
+DISK_RECHECK_S = 2.0  # while the state directory's disk is full: how often free space is looked at
+DISK_FREE_MIN_BYTES = 1024 * 1024  # free space that counts as "freed" (a job journal and some results)
 INTERNAL_ERROR = "internal_error"
 ZERO_SUMMARY = {"hosts_targeted": 0, "hosts_alive": 0, "hosts_excluded": 0, "hosts_scanned": 0, "findings": 0}
 
@@ -329,6 +342,8 @@ class JobEngine:
         self._signatures_tried: dict[str, float] = {}
         self._kb: Any = None
         self._kb_version: str | None = None
+        self._disk_full: str | None = None  # the words of the last SpoolFullError while the disk is full
+        self._refused_while_full: set[str] = set()  # jobs already told "not accepted" (no console spam)
         self.sender = ResultSender(
             self.spool,
             backoff=self._backoff(),
@@ -476,10 +491,20 @@ class JobEngine:
         if known is not None and known.state in ("done", "dropped"):
             log.info("job %s offered again after it ended here (%s): not taken", job_id, known.state)
             return
+        if self._disk_full is not None and (known is None or known.state == "offered"):
+            # No new work while the disk is full: not journaled, not accepted; offered again later.
+            if job_id not in self._refused_while_full:
+                self._refused_while_full.add(job_id)
+                self.console.say(f"job {job_id} not accepted: the disk of the state directory is full; "
+                                 "it is taken when space is freed")
+            return
         try:
             self.spool.journal_job(job_id, raw)
         except SpoolFullError as exc:
-            self.console.say(f"job {job_id} not accepted: {exc}")
+            self._disk_is_full(exc)
+            self._refused_while_full.add(job_id)
+            self.console.say(f"job {job_id} not accepted: the disk of the state directory is full; "
+                             "it is taken when space is freed")
             return
         except StateError as exc:
             self.console.say(f"job {job_id} not accepted: the job journal cannot be written ({exc})")
@@ -525,7 +550,16 @@ class JobEngine:
         except asyncio.CancelledError:
             raise
         except SpoolFullError as exc:
-            self.console.say(f"job {job.job_id} paused: {exc}; it resumes when the daemon restarts")
+            self._paused_for_space(job, exc)
+        except ExceptionGroup as group:
+            # A result spooled from a task of the scan's TaskGroup arrives wrapped in a group.
+            full = group.subgroup(SpoolFullError)
+            if full is None:
+                log.exception("job %s stopped on an internal error", job.job_id)
+                self.console.say(f"job {job.job_id} stopped on an internal error ({group!r}); "
+                                 "the journal has the details; it resumes when the daemon restarts")
+            else:
+                self._paused_for_space(job, _first_leaf(full))
         except StateError as exc:
             self.console.say(f"job {job.job_id} paused: the spool cannot be written ({exc}); "
                              "it resumes when the daemon restarts")
@@ -537,6 +571,42 @@ class JobEngine:
             if self.jobs.get(job.job_id) is job:
                 self.jobs.pop(job.job_id, None)
             self._refresh_status(force=True)
+
+    # --- a full disk ---
+
+    def _paused_for_space(self, job: _Job, exc: BaseException) -> None:
+        """The job met a full disk: it stops here, its journal entry and spooled results stay."""
+        self._disk_is_full(exc)
+        self.console.say(f"job {job.job_id} paused: the disk of the state directory is full; "
+                         f"{len(self.spool.host_keys(job.job_id))} host results kept in the spool; "
+                         "it resumes when space is freed")
+
+    def _disk_is_full(self, exc: BaseException) -> None:
+        """Enter the disk-full state (said once) and watch for free space."""
+        if self._disk_full is not None:
+            return
+        self._disk_full = str(exc)
+        self.console.say(f"the disk of the state directory is full ({self.config.state_dir}): no new work is "
+                         "accepted until space is freed; results already spooled are kept and sent")
+        self._spawn(self._watch_free_space(), "vsa-disk-watch")
+
+    async def _watch_free_space(self) -> None:
+        while True:
+            await asyncio.sleep(DISK_RECHECK_S)
+            try:
+                usage = os.statvfs(self.config.state_dir)
+            except OSError as exc:
+                log.warning("free space of %s cannot be read: %s", self.config.state_dir, exc)
+                continue
+            free = usage.f_bavail * usage.f_frsize
+            if free >= DISK_FREE_MIN_BYTES:
+                break
+        self._disk_full = None
+        self._refused_while_full.clear()
+        self.console.say(f"space is free again on the state directory's disk ({free // 1024} KiB): "
+                         "accepting work again and resuming paused jobs")
+        self._resume()  # the paused jobs are still in the journal (running or completing)
+        self.waker.wake()  # poll now: the offers refused meanwhile are taken at once
 
     async def _platform(self) -> PlatformClient:
         while self.client is None:
@@ -925,6 +995,12 @@ class JobEngine:
                     await task
         self.spool.finish_job(job_id, "dropped")
         self._refresh_status(force=True)
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception of a (nested) exception group."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 @dataclass(frozen=True)

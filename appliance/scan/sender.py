@@ -121,7 +121,15 @@ class ResultSender:
             if not rows:
                 await self._idle(IDLE_WAIT_S)
                 continue
-            delay = await self._send_batch(client, rows)
+            try:
+                delay = await self._send_batch(client, rows)
+            except StateError as exc:
+                # Marking a result sent can fail on a full disk (issue 11): the platform holds it,
+                # the spool says unsent, so it is sent again later (PUT is idempotent). The sender
+                # must outlive this, or nothing would ever be sent again.
+                log.error("the spool cannot record what was sent: %s", exc)
+                await self._idle(IDLE_WAIT_S)
+                continue
             if delay is not None:
                 await asyncio.sleep(delay)
 

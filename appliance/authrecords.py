@@ -166,7 +166,9 @@ def _register_secrets(obj: dict[str, Any]) -> None:
     delegation = obj.get("root_delegation")
     if isinstance(delegation, dict) and isinstance(delegation.get("password"), str):
         register_secret(delegation["password"])
-    for key in obj.get("private_keys") or []:
+    keys = obj.get("private_keys")
+    # Only a list holds keys; anything else is refused by parse_auth_record after this.
+    for key in keys if isinstance(keys, list) else []:
         if isinstance(key, dict):
             for name in ("pem", "passphrase"):
                 if isinstance(key.get(name), str):

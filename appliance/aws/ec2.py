@@ -311,8 +311,13 @@ class Ec2ApiProxy:
     password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(self.url)
+            # .hostname is parsed lazily: "[zz]" fails only there.
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # "http://[::1" and other broken brackets
+            usable = False
+        if not usable:
             raise Ec2Error(f"ec2_api_proxy.url must be an http:// URL with a host, not {self.url!r}")
         if parts.username or parts.password:
             raise Ec2Error("ec2_api_proxy.url must not carry credentials (use username/password)")
@@ -325,8 +330,10 @@ class Ec2ApiProxy:
             return None
         if not isinstance(raw, Mapping) or not isinstance(raw.get("url"), str):
             raise Ec2Error("ec2_api_proxy must be null or an object with a url")
-        # Register before validating, so that no error message can carry it.
-        register_secret(raw.get("password"))
+        # Register before validating, so that no error message can carry it (a hostile
+        # non-string password is refused below; register_secret only takes text).
+        if isinstance(raw.get("password"), str):
+            register_secret(raw["password"])
         for name in ("username", "password"):
             if raw.get(name) is not None and not isinstance(raw.get(name), str):
                 raise Ec2Error(f"ec2_api_proxy.{name} must be a string or null")

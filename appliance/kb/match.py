@@ -123,7 +123,9 @@ def severity_of(record: dict[str, Any], affected: dict[str, Any] | None = None) 
         return declared
     vectors: list[tuple[str, str]] = []
     for source in (record, affected or {}):
-        for item in source.get("severity") or ():
+        items = source.get("severity")
+        # OSV's severity is a list; a record with anything else there has no vectors to read.
+        for item in items if isinstance(items, list) else ():
             if isinstance(item, dict):
                 vectors.append((str(item.get("type")), item.get("score")))  # type: ignore[arg-type]
     for kind in _CVSS_PREFERENCE:
@@ -407,6 +409,9 @@ def iter_bundle_records(path: Path) -> Iterator[dict[str, Any]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise KbFormatError(f"line {number} of the bundle is not JSON ({exc.msg})") from exc
+                except RecursionError:
+                    # json's decoder recurses per nesting level: a line of "[[[[..." exhausts the stack.
+                    raise KbFormatError(f"line {number} of the bundle nests too deeply to be an OSV record") from None
                 if not isinstance(record, dict):
                     raise KbFormatError(f"line {number} of the bundle is not a JSON object")
                 yield record

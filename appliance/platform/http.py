@@ -111,7 +111,15 @@ async def read_bounded(
 
 async def read_json(response: aiohttp.ClientResponse, limit: int = MAX_JSON_RESPONSE_BYTES) -> Any:
     """Read and decode a bounded JSON body (ValueError when it is not JSON)."""
-    body = await read_bounded(response, limit)
+    return decode_json(await read_bounded(response, limit))
+
+
+def decode_json(body: bytes) -> Any:
+    """Decode a JSON body (None when empty); ValueError when it is not JSON or nests too deeply."""
     if not body:
         return None
-    return json.loads(body.decode("utf-8"))
+    try:
+        return json.loads(body.decode("utf-8"))
+    except RecursionError:
+        # json's decoder recurses per nesting level: 4 MiB of "[" would escape as RecursionError.
+        raise ValueError("the JSON nests too deeply") from None

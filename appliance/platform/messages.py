@@ -316,8 +316,12 @@ class Ec2ApiProxy:
         password = r.text("password", required=False, nullable=True)
         register_secret(password)
         url = r.text("url")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            hostname = parts.hostname  # parsed lazily: "[zz]" fails only here
+        except ValueError:  # "http://[::1" and other broken brackets
+            raise r.fail("url", "must be an http://host:port URL") from None
+        if parts.scheme not in ("http", "https") or not hostname:
             raise r.fail("url", "must be an http://host:port URL")
         if parts.username or parts.password:
             raise r.fail("url", "must not carry credentials (use username and password)")
@@ -346,7 +350,10 @@ class SignaturesOffer:
         if not SIGNATURES_VERSION_RE.match(version):
             raise r.fail("version", "must be 1-64 characters of letters, digits, '.', '_' and '-'")
         url = r.text("url")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # "http://[::1" and other broken brackets
+            raise r.fail("url", f"is {url!r}, which is not a path on the platform's own origin") from None
         if parts.scheme or parts.netloc:
             if origin is None or f"{parts.scheme}://{parts.netloc}".lower() != origin.lower().rstrip("/"):
                 raise r.fail("url", f"is {url!r}, which is not a path on the platform's own origin")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from appliance.errors import VsaError
+
 # Dialect revisions of [MS-SMB2] 2.2.3, with the names operators know.
 SMB2_DIALECTS: dict[int, str] = {
     0x0202: "2.0.2",
@@ -62,8 +64,11 @@ MECH_OIDS_DER: dict[str, bytes] = {
 }
 
 
-class NegotiateParseError(ValueError):
-    """A NEGOTIATE response is truncated or is not what it claims to be."""
+class NegotiateParseError(VsaError, ValueError):
+    """A NEGOTIATE response is truncated or is not what it claims to be.
+
+    A VsaError like every error of the appliance; still a ValueError for callers that catch that.
+    """
 
 
 def frame(message: bytes) -> bytes:

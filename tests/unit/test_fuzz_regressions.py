@@ -1,0 +1,89 @@
+"""The crashes the hostile-input fuzzing found (issue 11), each pinned to the clear error it now gives."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from appliance.authrecords import AuthRecordError, parse_auth_record
+from appliance.aws.ec2 import Ec2ApiProxy as AwsEc2ApiProxy
+from appliance.aws.ec2 import Ec2Error
+from appliance.errors import VsaError
+from appliance.kb.errors import KbFormatError
+from appliance.kb.match import KnowledgeBase
+from appliance.platform.http import decode_json
+from appliance.platform.messages import MessageError, PollResponse
+from appliance.results import Package, Packages
+from appliance.scan import smbnegotiate
+
+BROKEN_URLS = ["http://[::1", "http://[zz]:3128/", "https://[10.0.0.1]:1/"]
+
+
+@pytest.mark.parametrize("keys", [True, 7, 1.5])
+def test_auth_record_with_private_keys_not_a_list(keys: object) -> None:
+    # Was: TypeError ("'bool' object is not iterable") while registering secrets.
+    with pytest.raises(AuthRecordError, match="private_keys must be a list"):
+        parse_auth_record({"type": "unix", "id": "r1", "username": "u", "password": "pw-regress-1",
+                           "targets": ["10.0.0.1"], "private_keys": keys})
+
+
+@pytest.mark.parametrize("password", [True, ["x"], {"a": 1}, 5])
+def test_ec2_api_proxy_with_a_password_that_is_not_text(password: object) -> None:
+    # Was: AttributeError/TypeError inside register_secret.
+    with pytest.raises(Ec2Error, match="password must be a string or null"):
+        AwsEc2ApiProxy.from_wire({"url": "http://10.0.0.5:3128", "password": password})
+
+
+@pytest.mark.parametrize("url", BROKEN_URLS)
+def test_ec2_api_proxy_with_broken_brackets(url: str) -> None:
+    # Was: ValueError ("Invalid IPv6 URL") from urlsplit / .hostname.
+    with pytest.raises(Ec2Error, match="must be an http:// URL with a host"):
+        AwsEc2ApiProxy.from_wire({"url": url})
+
+
+@pytest.mark.parametrize("url", BROKEN_URLS)
+def test_poll_response_proxy_and_signatures_urls_with_broken_brackets(url: str) -> None:
+    with pytest.raises(MessageError) as proxy_error:
+        PollResponse.parse({"poll_interval_s": 60, "ec2_api_proxy": {"url": url}})
+    assert proxy_error.value.field == "ec2_api_proxy.url"
+    with pytest.raises(MessageError) as offer_error:
+        PollResponse.parse({"poll_interval_s": 60, "signatures": {
+            "version": "1", "url": url, "sha256": "a" * 64, "signature": "c2ln"}}, origin="https://p.example")
+    assert offer_error.value.field == "signatures.url"
+    assert "not a path on the platform's own origin" in str(offer_error.value)
+
+
+def test_bundle_line_nesting_too_deeply(tmp_path: Path) -> None:
+    # Was: RecursionError out of json.loads, through KnowledgeBase.load.
+    path = tmp_path / "bundle.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"id": "A", "affected": []}\n' + b"[" * 100_000 + b"\n"))
+    with pytest.raises(KbFormatError, match="line 2 of the bundle nests too deeply"):
+        KnowledgeBase.load(path)
+
+
+def test_platform_body_nesting_too_deeply_is_not_json() -> None:
+    # Was: RecursionError out of read_json, past the client's "not JSON" handling (ValueError).
+    with pytest.raises(ValueError, match="nests too deeply"):
+        decode_json(b"[" * 1_000_000)
+    assert decode_json(b"") is None and decode_json(b'{"a": [1]}') == {"a": [1]}
+
+
+def test_negotiate_parse_error_is_a_vsa_error() -> None:
+    # Was a bare ValueError; it stays one for the callers that catch ValueError.
+    with pytest.raises(smbnegotiate.NegotiateParseError) as caught:
+        smbnegotiate.parse_smb2_negotiate_response(b"\xfeSMB")
+    assert isinstance(caught.value, VsaError) and isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize("severity", [True, 7, {"type": "CVSS_V3"}])
+def test_osv_severity_that_is_not_a_list(severity: object) -> None:
+    # Was: TypeError at match time ("'bool' object is not iterable"), computing the finding's severity.
+    kb = KnowledgeBase.from_records([{
+        "id": "DSA-9-1", "severity": severity,
+        "affected": [{"package": {"ecosystem": "Debian:12", "name": "openssl"}, "severity": severity,
+                      "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "3.0.11-1"}]}]}],
+    }])
+    findings = kb.match(Packages("dpkg", "Debian:12", (Package("openssl", "3.0.9-1"),)))
+    assert [(f.id, f.severity) for f in findings] == [("DSA-9-1", 3)]

@@ -51,7 +51,7 @@ def test_whole_demo_exits_0_and_writes_the_report(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, out
     assert f"demo: HTML report written to {report}" in out
-    assert "demo: every host matches the lab's ground truth" in out
+    assert "demo: every host matches the lab's ground truth" in out, out
     assert re.search(r"demo: every one of the 8 targeted hosts is accounted for, each sent once", out)
     assert re.search(r"^8 hosts: 5 scanned, 1 down, 2 excluded; 6 open ports, \d+ findings$", out, re.M), out
     assert re.search(r"^    vsa: job j-\S+ finished: 8 hosts targeted, 5 alive, 2 excluded", out, re.M)

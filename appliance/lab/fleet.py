@@ -457,8 +457,13 @@ NOT_SCANNED: tuple[tuple[str, str, str, str, dict[str, str]], ...] = (
 
 @contextlib.contextmanager
 def build_fleet(workdir: Path, *, say: Callable[[str], None] = say_nothing,
-                mqtt: bool = True) -> Iterator[Fleet]:
-    """Build the whole demo lab under ``workdir`` (see the module docstring); tear it down on exit."""
+                mqtt: bool = True, perscode: str | None = None, user_data_extra: str = "") -> Iterator[Fleet]:
+    """Build the whole demo lab under ``workdir`` (see the module docstring); tear it down on exit.
+
+    ``perscode`` replaces the generated personalization code and
+    ``user_data_extra`` is appended to the user-data (``PROXY_URL=...``): the
+    secrets canary test (tests/e2e/test_secrets_canary.py) uses both.
+    """
     reason = fleet_available()
     if reason:
         raise LabError(f"cannot build the demo lab: {reason}")
@@ -499,10 +504,10 @@ def build_fleet(workdir: Path, *, say: Callable[[str], None] = say_nothing,
         platform_url = f"https://127.0.0.1:{PLATFORM_PORT}"
 
         # The appliance's own IMDS, at its real address on the hub's loopback.
-        perscode = f"DEMO-{secrets.token_hex(6).upper()}"
+        perscode = perscode or f"DEMO-{secrets.token_hex(6).upper()}"
         platform.create_perscode(perscode, label="demo appliance")
         user_data = workdir / "user-data"
-        user_data.write_text(f"# pasted into the EC2 launch wizard\nPERSCODE={perscode}\n")
+        user_data.write_text(f"# pasted into the EC2 launch wizard\nPERSCODE={perscode}\n{user_data_extra}")
         os.chmod(user_data, 0o600)
         lab.add_hub_address(f"{IMDS_ADDRESS}/32")
         lab.popen(lab.hub, [sys.executable, "-m", "appliance.lab.imds", "--host", IMDS_ADDRESS, "--port", "80",

@@ -32,8 +32,11 @@ import gzip
 import hashlib
 import json
 import shutil
+import socket
 import ssl
+import struct
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -272,3 +275,76 @@ class HostilePlatform:
             loop.call_soon_threadsafe(stop["event"].set)
             thread.join(START_TIMEOUT_S)
             loop.close()
+
+
+class BadTlsServer:
+    """A platform port that cannot complete a TLS 1.2 handshake: plain HTTP, or TLS 1.0 only.
+
+    ``mode`` (switchable at run time): ``plain`` answers the ClientHello with an
+    HTTP 400 page, as a web server on the wrong port would; ``tls10`` speaks
+    TLS 1.0 and nothing newer (the appliance requires 1.2 or newer); ``reset``
+    reads the ClientHello and resets the connection.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path, mode: str = "plain") -> None:
+        """Serve ``cert_file``/``key_file`` in ``tls10`` mode; start with :meth:`serve_in_thread`."""
+        self.mode = mode
+        self.port = 0
+        self.connections: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 refuses TLS 1.0 at the default level
+        with warnings.catch_warnings():  # deprecated on purpose: this server is the outdated one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.maximum_version = ssl.TLSVersion.TLSv1
+        context.load_cert_chain(cert_file, key_file)
+        self._tls10 = context
+
+    def _handle(self, conn: socket.socket) -> None:
+        mode = self.mode
+        with self._lock:
+            self.connections[mode] += 1
+        conn.settimeout(START_TIMEOUT_S)
+        try:
+            if mode == "reset":
+                # Read the ClientHello, then abort: SO_LINGER 0 makes close() send a RST.
+                conn.recv(4096)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif mode == "plain":
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            else:
+                with self._tls10.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(4096)
+        except (OSError, ssl.SSLError):
+            pass  # the handshake failing is the point
+        finally:
+            conn.close()
+
+    @contextmanager
+    def serve_in_thread(self) -> Iterator[int]:
+        """Listen on 127.0.0.1 until the block ends (one thread per connection); yields the port."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.2)
+        self.port = listener.getsockname()[1]
+        stopping = threading.Event()
+
+        def accept_loop() -> None:
+            while not stopping.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+        thread = threading.Thread(target=accept_loop, daemon=True, name="bad-tls")
+        thread.start()
+        try:
+            yield self.port
+        finally:
+            stopping.set()
+            thread.join(START_TIMEOUT_S)
+            listener.close()

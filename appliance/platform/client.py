@@ -352,4 +352,8 @@ def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
     if os_error.errno:
         # aiohttp's own text ("Connect call failed ('10.0.0.1', 443)") says less than the errno does.
         return os.strerror(os_error.errno)
-    return os_error.strerror or str(os_error)
+    if isinstance(os_error, ConnectionResetError):
+        # A reset during the TLS handshake comes without an errno or text: the verdict read
+        # "the connection failed ()" (issue 11, a server that resets the handshake).
+        return os.strerror(errno.ECONNRESET)
+    return os_error.strerror or str(os_error) or type(os_error).__name__

@@ -23,14 +23,22 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
+import shutil
+import signal
+import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daemon_harness import DaemonLab, vsa_command
 
+from appliance.lab.hostile import BadTlsServer, HostilePlatform
 from appliance.lab.portlab import PortLab
+from appliance.lab.squid import free_port, squid_available
 from tests.conftest import require
 from tests.integration.test_engine_jobs import EngineLab, assert_exactly_once, port_lab, slow_job  # noqa: F401
 
@@ -117,3 +125,151 @@ def test_full_disk_mid_job_pauses_refuses_new_work_loses_nothing_and_resumes(ful
     assert "accepting work again" in console
     assert "internal error" not in console, console
     assert lab.daemon is not None and lab.daemon.poll() is None
+
+
+# --- daemon boundaries on 127.0.0.1 (no scanning) ---
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[DaemonLab]:
+    with DaemonLab(tmp_path) as daemon_lab:
+        yield daemon_lab
+
+
+def point_platform_at(lab: DaemonLab, url: str, ca_file: Path | None = None) -> None:
+    """Rewrite the daemon's configuration so that platform.url (and the CA) are ``url``/``ca_file``."""
+    lab.write_config()
+    config = lab.config_path.read_text().replace(lab.server.url, url)  # type: ignore[union-attr]
+    if ca_file is not None:
+        config = config.replace(str(lab.platform.ca_file), str(ca_file))  # type: ignore[union-attr]
+    lab.config_path.write_text(config)
+
+
+def test_imds_flapping_at_boot_and_while_running_is_never_fatal(lab: DaemonLab) -> None:
+    assert lab.imds is not None and lab.platform is not None
+    lab.set_user_data(f"PERSCODE={lab.platform.create_perscode()}\n")
+    # At boot: the first answers are 503s, then the endpoint is switched off, then on again.
+    lab.imds.fail_next(4, status=503)
+    lab.imds.mode = "disabled"
+    lab.start_daemon()
+    lab.wait_for(r"HttpEndpoint=enabled.*\(the appliance keeps trying\)$", timeout_s=30)
+    lab.imds.mode = "v2-optional"
+    lab.wait_for(r"^vsa: IMDSv2 in use", timeout_s=30)
+    lab.wait_for(r"registered with the platform")
+    # While running: IMDS flaps (off, 503s, v1 only, back) for a while; polling never stops.
+    polls = len(lab.polls())
+    for mode in ("disabled", "v1-only", "disabled", "v2-optional"):
+        lab.imds.mode = mode  # type: ignore[assignment]
+        lab.imds.fail_next(3, status=503)
+        time.sleep(1.5)
+    lab.wait_until(lambda: len(lab.polls()) >= polls + 3, timeout_s=20, what="polls while IMDS flaps")
+    assert lab.proc is not None and lab.proc.poll() is None
+    assert lab.status()["poll"]["last_result"] == "ok"
+    assert "stopped" not in lab.run_console()
+    assert lab.stop_daemon() == 0
+
+
+def test_platform_name_that_does_not_resolve_is_said(lab: DaemonLab, tmp_path: Path) -> None:
+    """`.invalid` never resolves (RFC 6761); the daemon runs in a namespace of its own with no route
+    (only a loopback that is down), so its resolver cannot send a single query off this machine."""
+    require(os.geteuid() == 0 and shutil.which("unshare") is not None, "unshare --net needs root and util-linux")
+    assert lab.platform is not None
+    name = "platform.vsa-lab.invalid"
+    point_platform_at(lab, f"https://{name}")
+    user_data = tmp_path / "user-data"
+    user_data.write_text(f"PERSCODE={lab.platform.create_perscode()}\n")
+    env = lab.env(AWS_EC2_METADATA_DISABLED="true")
+    out = open(lab.stdout_path, "ab")  # noqa: SIM115 - closed below
+    try:
+        proc = subprocess.Popen(["unshare", "--net", *vsa_command(), "run", "--config", str(lab.config_path),
+                                 "--user-data", str(user_data)], stdout=out, stderr=subprocess.DEVNULL, env=env)
+        try:
+            lab.wait_until(lambda: f"unable to connect to {name}:443" in lab.console(), timeout_s=30,
+                           what="the DNS verdict")
+            time.sleep(2)
+            assert proc.poll() is None
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+    finally:
+        out.close()
+    assert (f"vsa: platform: unable to connect to {name}:443 - please fix: the name {name} cannot be resolved; "
+            "check platform.url and the VPC's DNS settings") in lab.console(), lab.console()
+
+
+def squid_denying_all(workdir: Path) -> subprocess.Popen[bytes]:
+    """A Squid whose only rule is ``http_access deny all`` (CONNECT refused with 403)."""
+    port = free_port()
+    conf = workdir / "squid.conf"
+    conf.write_text(f"http_port 127.0.0.1:{port}\nhttp_access deny all\ncache deny all\n"
+                    f"pid_filename {workdir}/squid.pid\naccess_log stdio:{workdir}/access.log\n"
+                    f"cache_log {workdir}/cache.log\ncoredump_dir {workdir}\nshutdown_lifetime 0 seconds\n"
+                    "logfile_rotate 0\n")
+    try:  # Squid drops to the proxy user, which must own its files (as appliance.lab.squid does)
+        proxy_user = pwd.getpwnam("proxy")
+        for path in (workdir, conf):
+            os.chown(path, proxy_user.pw_uid, proxy_user.pw_gid)
+    except KeyError:
+        pass  # no "proxy" user: Squid runs as root
+    proc = subprocess.Popen(["squid", "-N", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc.port = port  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 20
+    while True:
+        assert proc.poll() is None, f"squid exited ({proc.returncode}); see {workdir}/cache.log"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            assert time.monotonic() < deadline, "squid did not start"
+            time.sleep(0.1)
+
+
+def test_proxy_refusing_connect_is_said_and_fixing_it_works(lab: DaemonLab, tmp_path: Path) -> None:
+    require(squid_available() is None, squid_available() or "")
+    assert lab.platform is not None and lab.server is not None
+    # Not under pytest's tmp_path: the proxy user must be able to reach it.
+    workdir = Path(tempfile.mkdtemp(prefix="vsa-squid-deny-"))
+    os.chmod(workdir, 0o755)
+    proxy = squid_denying_all(workdir)
+    code = lab.platform.create_perscode()
+    try:
+        lab.set_user_data(f"PERSCODE={code}\nPROXY_URL=127.0.0.1:{proxy.port}\n")  # type: ignore[attr-defined]
+        lab.start_daemon()
+        lab.wait_for(rf"^vsa: platform: unable to connect to 127\.0\.0\.1:{lab.server.port} - please fix: the proxy "
+                     rf"127\.0\.0\.1:{proxy.port} refused the connection to the platform \(403 Forbidden\); "  # type: ignore[attr-defined]
+                     rf"allow CONNECT to 127\.0\.0\.1:{lab.server.port} on the proxy", timeout_s=30)
+        time.sleep(2)
+        assert lab.proc is not None and lab.proc.poll() is None
+        assert lab.registers() == []
+    finally:
+        os.killpg(proxy.pid, signal.SIGTERM)
+        proxy.wait(20)
+        shutil.rmtree(workdir, ignore_errors=True)
+    # The operator removes the proxy from user-data: the daemon connects directly.
+    lab.set_user_data(f"PERSCODE={code}\n")
+    lab.wait_for(r"registered with the platform", timeout_s=30)
+    assert lab.stop_daemon() == 0
+
+
+def test_tls_handshake_failures_are_said(lab: DaemonLab, tmp_path: Path) -> None:
+    hostile = HostilePlatform(tmp_path / "certs")
+    bad = BadTlsServer(hostile.good_cert, hostile.good_key, mode="plain")
+    assert lab.platform is not None
+    lab.set_user_data(f"PERSCODE={lab.platform.create_perscode()}\n")
+    with bad.serve_in_thread() as port:
+        point_platform_at(lab, f"https://127.0.0.1:{port}", hostile.ca_file)
+        lab.start_daemon()
+        verdict = rf"^vsa: platform: unable to connect to 127\.0\.0\.1:{port} - please fix: the TLS handshake failed"
+        lab.wait_for(verdict + r" \(.*(WRONG_VERSION_NUMBER|wrong version number).*\); check that the platform "
+                     r"speaks TLS 1\.2 or newer on this port", timeout_s=30)
+        bad.mode = "tls10"
+        lab.wait_until(lambda: bad.connections["tls10"] >= 1, timeout_s=30, what="a TLS 1.0 handshake")
+        lab.wait_for(verdict + r" \(.*(PROTOCOL_VERSION|protocol version|UNSUPPORTED_PROTOCOL|no protocols).*\)",
+                     timeout_s=30)
+        # A handshake reset by the server: words, not "the connection failed ()".
+        bad.mode = "reset"
+        lab.wait_for(rf"^vsa: platform: unable to connect to 127\.0\.0\.1:{port} - please fix: the connection "
+                     r"failed \(Connection reset by peer\)", timeout_s=30)
+        assert lab.proc is not None and lab.proc.poll() is None
+    assert lab.stop_daemon() == 0

@@ -26,7 +26,9 @@ the console (stdout), the journal (stderr), every file under the state
 directory (SQLite databases with their WAL and SHM files included), every other
 file the daemon wrote under its working directory, and any file written under
 ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/root`` since the daemon started.
-The job's results at the platform are checked as well.
+The job's results at the platform are checked as well, and so are the command
+lines and environments of the daemon and every child it started while the job
+ran (sampled every 0.1 s from ``/proc``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import os
 import secrets
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +62,7 @@ PROXY_USER = "vsaproxy"
 EC2_PROXY_USER = "vsaec2proxy"
 MAX_SCANNED_FILE_BYTES = 64 * 1024 * 1024
 FIND_TIMEOUT_S = 120
+PROC_SAMPLE_S = 0.1
 SCRATCH_DIRS = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), Path("/root"))
 
 
@@ -90,6 +94,8 @@ class Run:
     proxy_log: str
     ec2_proxy_log: str
     daemon_exit: int | None
+    processes: dict[tuple[int, str], bytes]
+    fleet_pid: int
 
 
 def _pem_body_lines(pem: str) -> list[str]:
@@ -130,6 +136,59 @@ def _read(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None  # removed meanwhile (another program's temporary file)
+
+
+class ProcessWatch:
+    """Samples the command lines and environments of a process and its descendants until stopped.
+
+    A secret passed to a child in its argv is visible to every user (``ps``);
+    in its environment, to anything that dumps it.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seen: dict[tuple[int, str], bytes] = {}  # (pid, "cmdline" | "environ") -> bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="canary-procs", daemon=True)
+
+    def start(self) -> ProcessWatch:
+        """Sample every :data:`PROC_SAMPLE_S` in a background thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in _descendants(self.pid):
+                for what in ("cmdline", "environ"):
+                    try:
+                        self.seen[(pid, what)] = Path(f"/proc/{pid}/{what}").read_bytes()
+                    except OSError:
+                        continue  # exited meanwhile
+            self._stop.wait(PROC_SAMPLE_S)
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(children.get(p, []))
+    return out
 
 
 def _snapshot(state_dir: Path) -> list[tuple[Path, bytes]]:
@@ -200,7 +259,11 @@ def run() -> Iterator[Run]:
             state_dir = fleet.workdir / "state"
             try:
                 appliance_id = scenario.boot()
-                outcome = scenario.run_job(appliance_id)
+                watch = ProcessWatch(fleet.daemon_pid() or 0).start()
+                try:
+                    outcome = scenario.run_job(appliance_id)
+                finally:
+                    watch.stop()
                 # While the daemon still runs: the SQLite WAL and SHM files exist only now.
                 live_state = _snapshot(state_dir)
             except DemoError as exc:
@@ -221,7 +284,8 @@ def run() -> Iterator[Run]:
                 if data is not None:
                     written.append((path, data))
             yield Run(fleet, outcome, canaries, perscode, "\n".join(scenario.console), fleet.daemon_log.read_bytes(),
-                      state_files, written, proxy.access_log_text(), ec2_proxy.access_log_text(), code)
+                      state_files, written, proxy.access_log_text(), ec2_proxy.access_log_text(), code,
+                      watch.seen, watch.pid)
         finally:
             hub.submit(ec2_proxy.stop).result(timeout=30)
             hub.submit(proxy.stop).result(timeout=30)
@@ -294,3 +358,13 @@ def test_no_canary_in_any_file_the_daemon_wrote(run: Run) -> None:
 def test_no_canary_in_the_results_at_the_platform(run: Run) -> None:
     assert _leaks(run, json.dumps(run.outcome.report).encode()) == []
 
+
+
+def test_no_canary_in_the_command_line_or_environment_of_any_process(run: Run) -> None:
+    # The daemon at least (it scans in-process today; any child it starts is sampled too).
+    assert (run.fleet_pid, "cmdline") in run.processes and (run.fleet_pid, "environ") in run.processes
+    leaks = {f"{pid} {what}": _leaks(run, data) for (pid, what), data in run.processes.items()}
+    # The environment canary was put in the daemon's environment by this test: children inherit it.
+    allowed = {"environment"}
+    leaks = {k: [n for n in v if not (k.endswith("environ") and n in allowed)] for k, v in leaks.items()}
+    assert {k: v for k, v in leaks.items() if v} == {}

@@ -166,7 +166,7 @@ def resolve_bundle_url(platform_origin: str, url: str, *, version: str | None = 
         return base.with_path("/").join(URL(url))
     try:
         target = URL(url)
-    except ValueError as exc:
+    except (ValueError, IndexError) as exc:  # yarl: IndexError on "http://[][h@" (an empty bracketed host)
         raise refused from exc
     if not target.is_absolute() or target.user is not None or target.password is not None:
         raise refused

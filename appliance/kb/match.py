@@ -333,6 +333,11 @@ def _severity_inputs(obj: dict[str, Any]) -> dict[str, Any] | None:
     return inputs or None
 
 
+def _list(value: Any) -> list[Any]:
+    """``value`` when it is a list, else no items (a hostile record may put anything there)."""
+    return value if isinstance(value, list) else []
+
+
 def compile_record(record: dict[str, Any], stats: LoadStats) -> list[Entry]:
     """The compiled entries of one OSV record (none when withdrawn or not applicable)."""
     if record.get("withdrawn"):
@@ -362,10 +367,10 @@ def compile_record(record: dict[str, Any], stats: LoadStats) -> list[Entry]:
         intervals: list[Interval] = []
         versions: set[VersionKey] = set()
         try:
-            for rng in affected.get("ranges") or ():
+            for rng in _list(affected.get("ranges")):
                 if isinstance(rng, dict) and rng.get("type") == "ECOSYSTEM":
-                    intervals += _compile_range(rng.get("events") or [], keyf)
-            for version in affected.get("versions") or ():
+                    intervals += _compile_range(_list(rng.get("events")), keyf)
+            for version in _list(affected.get("versions")):
                 if isinstance(version, str):
                     versions.add(keyf(version))
         except VersionError as exc:

@@ -11,7 +11,8 @@ from appliance.authrecords import AuthRecordError, parse_auth_record
 from appliance.aws.ec2 import Ec2ApiProxy as AwsEc2ApiProxy
 from appliance.aws.ec2 import Ec2Error
 from appliance.errors import VsaError
-from appliance.kb.errors import KbFormatError
+from appliance.kb.bundle import resolve_bundle_url
+from appliance.kb.errors import BundleRefused, KbFormatError
 from appliance.kb.match import KnowledgeBase
 from appliance.platform.http import decode_json
 from appliance.platform.messages import MessageError, PollResponse
@@ -87,3 +88,25 @@ def test_osv_severity_that_is_not_a_list(severity: object) -> None:
     }])
     findings = kb.match(Packages("dpkg", "Debian:12", (Package("openssl", "3.0.9-1"),)))
     assert [(f.id, f.severity) for f in findings] == [("DSA-9-1", 3)]
+
+
+@pytest.mark.parametrize("junk", [1.5, 7, True, {"a": 1}])
+def test_osv_ranges_events_and_versions_that_are_not_lists(junk: object) -> None:
+    # Was: TypeError while indexing ("'float' object is not iterable").
+    good = {"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "3.0.11-1"}]}
+    kb = KnowledgeBase.from_records([
+        {"id": "A-1", "affected": [{"package": {"ecosystem": "Debian:12", "name": "openssl"}, "ranges": junk}]},
+        {"id": "A-2", "affected": [{"package": {"ecosystem": "Debian:12", "name": "openssl"},
+                                    "ranges": [{"type": "ECOSYSTEM", "events": junk}]}]},
+        {"id": "A-3", "affected": [{"package": {"ecosystem": "Debian:12", "name": "openssl"},
+                                    "ranges": [good], "versions": junk}]},
+    ])
+    findings = kb.match(Packages("dpkg", "Debian:12", (Package("openssl", "3.0.9-1"),)))
+    assert [f.id for f in findings] == ["A-3"]
+
+
+@pytest.mark.parametrize("url", ["HTTP://[][H@", "https://[][x@/b", "https://[zz]/b", "https://h:99999/b"])
+def test_bundle_url_that_yarl_cannot_parse_is_refused(url: str) -> None:
+    # Was: IndexError out of yarl.URL for an empty bracketed host.
+    with pytest.raises(BundleRefused, match="not on the platform's own origin"):
+        resolve_bundle_url("https://platform.example:8443", url)

@@ -11,10 +11,14 @@
 - The proxy refusing CONNECT (Squid with a deny-all ACL).
 - A TLS handshake failure (plain HTTP on the platform port; a TLS 1.0-only server).
 
+- EC2 throttling that persists, at the job level (awsfaults in front of moto, in
+  the hub): the job still scans its ips and completes failed /
+  target_resolution_failed after a bounded number of DescribeInstances calls.
+
 Already covered elsewhere (referenced, not repeated): EC2 throttling retried and
 bounded at the resolver (tests/integration/test_ec2_moto.py::test_throttling_*),
-a job whose EC2 selection cannot be resolved still scanning its ips and completing
-failed/target_resolution_failed (test_engine_jobs.py::test_ec2_endpoint_unreachable_*),
+an EC2 endpoint that does not answer at all, at the job level
+(test_engine_jobs.py::test_ec2_endpoint_unreachable_*),
 the proxy's 407 and a proxy that is down (test_daemon_proxy.py), a refused port and
 IMDS disabled (test_daemon_e2e.py, test_daemon_systemd.py).
 """
@@ -22,16 +26,19 @@ IMDS disabled (test_daemon_e2e.py, test_daemon_systemd.py).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_harness import DaemonLab, vsa_command
@@ -40,7 +47,15 @@ from appliance.lab.hostile import BadTlsServer, HostilePlatform
 from appliance.lab.portlab import PortLab
 from appliance.lab.squid import free_port, squid_available
 from tests.conftest import require
-from tests.integration.test_engine_jobs import EngineLab, assert_exactly_once, port_lab, slow_job  # noqa: F401
+from tests.integration.test_engine_jobs import (  # noqa: F401 - module fixtures shared with the engine tests
+    REPO,
+    EngineLab,
+    assert_exactly_once,
+    engine_lab,
+    moto_fleet,
+    port_lab,
+    slow_job,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +139,54 @@ def test_full_disk_mid_job_pauses_refuses_new_work_loses_nothing_and_resumes(ful
     print(console)
     assert "accepting work again" in console
     assert "internal error" not in console, console
+    assert lab.daemon is not None and lab.daemon.poll() is None
+
+
+THROTTLING_PROXY = """
+import asyncio, json, sys
+from appliance.lab.awsfaults import AwsFaultProxy
+async def main():
+    proxy = await AwsFaultProxy(upstream=sys.argv[1], throttle={"DescribeInstances": 10**9}).start()
+    print(proxy.port, flush=True)
+    while True:
+        counts = {"DescribeInstances": proxy.count("DescribeInstances"),
+                  "throttled": proxy.count("DescribeInstances", fault=True)}
+        with open(sys.argv[2] + ".tmp", "w") as handle:
+            json.dump(counts, handle)
+        import os; os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+        await asyncio.sleep(0.2)
+asyncio.run(main())
+"""
+
+
+def test_ec2_throttling_that_persists_fails_resolution_and_still_scans_ips(
+        engine_lab: EngineLab, moto_fleet: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
+    """EC2 answers RequestLimitExceeded to every DescribeInstances (awsfaults in front of moto, in the hub)."""
+    lab = engine_lab
+    counts = tmp_path / "throttle.json"
+    proxy = lab.lab.popen(lab.lab.hub, [sys.executable, "-c", THROTTLING_PROXY, moto_fleet["url"], str(counts)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+    assert proxy.stdout is not None
+    port = int(proxy.stdout.readline().decode().strip())
+    lab.kill_daemon(signal.SIGTERM)
+    lab.aws_endpoint = f"http://127.0.0.1:{port}"
+    lab.start_daemon()
+    ip = lab.portlab.answering_ips[0]
+    job_id = lab.platform.submit_job({
+        "type": "discovery", "title": "ec2 throttled",
+        "targets": {"ips": [ip], "ec2": {"role_arn": None, "regions": ["us-east-1"], "platform": "vpc_all"}},
+        "options": {"tcp_ports": "light"},
+    })
+    report = lab.wait_completed(job_id, 150)
+    assert set(report["hosts"]) == {ip} and report["hosts"][ip]["status"] == "scanned"
+    completion = report["completion"]
+    assert (completion["status"], completion["reason"]) == ("failed", "target_resolution_failed"), completion
+    assert "RequestLimitExceeded" in completion["message"] or "thrott" in completion["message"].lower(), completion
+    seen = json.loads(counts.read_text())
+    print(completion["message"], seen)  # for the record (pytest -s)
+    # Retried, and bounded: every DescribeInstances was throttled, and there were only a few.
+    assert seen["throttled"] == seen["DescribeInstances"] and 2 <= seen["DescribeInstances"] <= 8, seen
+    assert f"job {job_id} failed (target_resolution_failed)" in lab.console()
     assert lab.daemon is not None and lab.daemon.poll() is None
 
 

@@ -246,7 +246,9 @@ def run() -> Iterator[Run]:
                                            "ec2 proxy password": EC2_PROXY_USER}.get(name))
                 for name, value in values.items()}
             forms["nt hash"] = _forms("nt hash", nt_hash)
-            forms["perscode"] = [perscode.encode(), perscode[:-4].encode(), perscode[:-4].encode("utf-16-le")]
+            # Beyond its last 4 characters: the code without them, its random head, and its last 10.
+            forms["perscode"] = [perscode.encode(), perscode[:-4].encode(), perscode[:-4].encode("utf-16-le"),
+                                 perscode[12:22].encode(), perscode[-10:].encode()]
             for label, pem in (("encrypted key", encrypted_pem), ("clear key", clear_pem)):
                 forms[label] = [line.encode() for line in _pem_body_lines(pem)]
             canaries = Canaries({**values, "nt hash": nt_hash, "perscode": perscode}, forms)

@@ -187,7 +187,12 @@ def _parse_mqtt(reader: _Reader | None) -> MqttSettings | None:
     if reader is None:
         return None
     url = reader.text("url")
-    if urlsplit(url).scheme not in ("mqtts", "mqtt") or not urlsplit(url).hostname:
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("mqtts", "mqtt") and bool(parts.hostname)  # .hostname may raise too
+    except ValueError:  # "mqtts://[::1" and other broken brackets
+        usable = False
+    if not usable:
         raise reader.fail("url", f"is {url!r}; it must be an mqtts://host:port URL")
     return MqttSettings(url=url, wake_topic=reader.text("wake_topic"), events_topic=reader.text("events_topic"))
 

@@ -75,8 +75,10 @@ CBS_STATES: dict[int, str] = {
 # installed update carries them.
 CBS_IN_EFFECT = frozenset({0x50, 0x70, 0x80})
 
-PACKAGE_KB_RE = re.compile(r"^Package_(?:(\d+)_)?for_(KB\d+)(?:_\w+)?~", re.IGNORECASE)
-ROLLUP_RE = re.compile(r"^Package_for_RollupFix~[^~]*~[^~]*~[^~]*~(\d+)\.(\d+)\.", re.IGNORECASE)
+_DECIMAL_RE = re.compile(r"[0-9]{1,20}")  # a DWORD/QWORD written in decimal
+# Numbers that int() reads are bounded ASCII digits (a hostile server may send 5,000 of them).
+PACKAGE_KB_RE = re.compile(r"^Package_(?:([0-9]{1,9})_)?for_(KB\d+)(?:_\w+)?~", re.IGNORECASE)
+ROLLUP_RE = re.compile(r"^Package_for_RollupFix~[^~]*~[^~]*~[^~]*~([0-9]{1,10})\.([0-9]{1,10})\.", re.IGNORECASE)
 ARCHITECTURES = {"AMD64": "x86_64", "X86": "x86", "ARM64": "arm64", "IA64": "ia64", "ARM": "arm"}
 
 
@@ -134,7 +136,9 @@ def reg_int(value: RegValue | None) -> int | None:
     if kind in (REG_DWORD, REG_QWORD) and isinstance(data, int) and not isinstance(data, bool):
         return data
     text = reg_text(value)
-    if text is not None and text.isdigit():
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses; and a bounded
+    # length, for int() refuses more than 4,300 digits.
+    if text is not None and _DECIMAL_RE.fullmatch(text):
         return int(text)
     return None
 
@@ -144,7 +148,7 @@ def parse_current_version(values: Mapping[str, RegValue]) -> WindowsVersion:
     build = reg_int(values.get("CurrentBuildNumber")) or reg_int(values.get("CurrentBuild"))
     if build is None:
         lab = reg_text(values.get("BuildLabEx"))  # "19041.1.amd64fre.vb_release.191206-1406"
-        if lab and lab.split(".", 1)[0].isdigit():
+        if lab and _DECIMAL_RE.fullmatch(lab.split(".", 1)[0]):
             build = int(lab.split(".", 1)[0])
     major = reg_int(values.get("CurrentMajorVersionNumber"))
     minor = reg_int(values.get("CurrentMinorVersionNumber"))

@@ -15,10 +15,11 @@ from appliance.kb.bundle import resolve_bundle_url
 from appliance.kb.errors import BundleRefused, KbFormatError
 from appliance.kb.match import KnowledgeBase
 from appliance.platform.http import decode_json
-from appliance.platform.messages import MessageError, PollResponse
+from appliance.platform.messages import MessageError, PollResponse, RegisterResponse
 from appliance.results import Package, Packages
-from appliance.scan import smbnegotiate
+from appliance.scan import smbnegotiate, winversion
 
+CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 BROKEN_URLS = ["http://[::1", "http://[zz]:3128/", "https://[10.0.0.1]:1/"]
 
 
@@ -110,3 +111,25 @@ def test_bundle_url_that_yarl_cannot_parse_is_refused(url: str) -> None:
     # Was: IndexError out of yarl.URL for an empty bracketed host.
     with pytest.raises(BundleRefused, match="not on the platform's own origin"):
         resolve_bundle_url("https://platform.example:8443", url)
+
+
+def test_register_response_mqtt_url_with_broken_brackets() -> None:
+    # Was: ValueError out of urlsplit(...).hostname.
+    with pytest.raises(MessageError) as caught:
+        RegisterResponse.parse({"appliance_id": "a", "certificate_pem": CERT, "ca_pem": None, "poll_interval_s": 60,
+                                "mqtt": {"url": "ftp://h]:u:p@[u:p@99999", "wake_topic": "w", "events_topic": "e"}})
+    assert caught.value.field == "mqtt.url"
+
+
+def test_registry_numbers_that_int_cannot_read() -> None:
+    # Was: ValueError from int("7²") (str.isdigit accepts superscripts) and from 5,000-digit numbers.
+    version = winversion.parse_current_version({
+        "CurrentMajorVersionNumber": (winversion.REG_SZ, "7²"), "BuildLabEx": (winversion.REG_SZ, "²³.1.amd64"),
+        "UBR": (winversion.REG_SZ, "9" * 5000)})
+    assert version.major is None and version.build is None and version.ubr is None
+    huge = "9" * 5000
+    states = {f"Package_for_RollupFix~31bf3856ad364e35~amd64~~{huge}.1.1.5": None,
+              f"Package_{huge}_for_KB5034441~31bf3856ad364e35~amd64~~1.0": 112,
+              "Package_for_RollupFix~31bf3856ad364e35~amd64~~22621.3007.1.5": 112}
+    assert winversion.latest_rollup(states) == (22621, 3007)
+    assert winversion.parse_updates(states) == ()

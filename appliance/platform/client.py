@@ -56,6 +56,8 @@ from appliance.platform.retry import parse_retry_after
 log = logging.getLogger("vsa.platform")
 
 REGISTER_PATH = "/vsa/v1/register"
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_EMAIL_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH.
+CERT_NAME_MISMATCH_CODES = (62, 63, 64)
 POLL_PATH = "/vsa/v1/poll"
 PROBE_PATH = "/vsa/v1/"
 
@@ -283,6 +285,14 @@ class PlatformClient:
                     decoded = await read_json(response)
                 except ResponseTooLarge as exc:
                     raise PlatformProtocolError(f"{what}: {exc}") from exc
+                except TimeoutError as exc:
+                    # The status line came but the body stalled (issue 11: a body dripped a byte a
+                    # second). "No answer in time; check the security groups" would send the
+                    # operator after the network, which works: say what happened instead.
+                    raise PlatformProtocolError(
+                        f"{what}: the platform answered {response.status} but the body did not arrive in full "
+                        f"within the {self._timeouts['total_timeout_s']:g} s request timeout (a stalled answer)"
+                    ) from exc
                 except (ValueError, UnicodeDecodeError) as exc:
                     if 200 <= response.status < 300:
                         raise PlatformProtocolError(f"{what}: the answer is not JSON ({exc})") from exc
@@ -316,6 +326,12 @@ def describe_connection_failure(
         return (f"cannot connect to the proxy {proxy} ({_os_reason(exc)})",
                 "check PROXY_URL's host and port, and that the proxy is running and reachable")
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        if getattr(exc.certificate_error, "verify_code", None) in CERT_NAME_MISMATCH_CODES:
+            # The chain is trusted; the name is not the one asked for. Pointing at the CA file
+            # (the remedy below) would mislead: say which name was asked for (issue 11).
+            return (f"the platform's TLS certificate is not valid for the name {host} ({exc.certificate_error})",
+                    f"check that platform.url names the host the certificate was issued for ({host} is not "
+                    "among its names), or have the certificate reissued with that name")
         if ca_file is None:
             remedy = "set platform.ca_file to the CA that issued it, or check the instance's clock"
         else:

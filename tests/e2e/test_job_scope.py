@@ -185,5 +185,6 @@ def test_not_one_arp_request_for_them(run: Run) -> None:
     from scapy.layers.l2 import ARP
 
     asked = {p[ARP].pdst for p in run.packets if ARP in p and p[ARP].op == 1}
+    assert set(IN_JOB) <= asked, f"control: the hub asked for the in-job hosts first ({asked})"
     assert asked & {*EXCLUDED, *OUT_OF_JOB} == set(), asked
 

@@ -29,7 +29,7 @@ variable "instance_type" {
 variable "wheel_dir" {
   type        = string
   default     = "out/wheelhouse"
-  description = "Directory holding vsa_appliance-*.whl, and optionally its dependencies' wheels."
+  description = "Directory holding vsa_appliance-*.whl and its dependencies' wheels (pip wheel --wheel-dir DIR .)."
 }
 
 variable "platform_url" {
@@ -131,6 +131,8 @@ build {
     execute_command = "chmod +x {{ .Path }}; sudo env {{ .Vars }} {{ .Path }}"
     environment_vars = [
       "VSA_WHEEL_DIR=/tmp/vsa-wheels",
+      # Reproducible: exactly the wheels built for this AMI, no index at build time.
+      "VSA_PIP_OFFLINE=1",
       "VSA_UNIT_DIR=/tmp/vsa-systemd",
       "VSA_PLATFORM_URL=${var.platform_url}",
       "VSA_PLATFORM_CA_B64=${var.platform_ca_pem_b64}",

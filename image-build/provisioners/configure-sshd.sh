@@ -28,9 +28,10 @@ tmpkey="$(mktemp -d)"
 made_run_sshd=0
 if [[ ! -d /run/sshd ]]; then  # sshd -T insists on its privilege separation directory
   mkdir -p /run/sshd
+  # shellcheck disable=SC2034  # read by the EXIT trap
   made_run_sshd=1
 fi
-trap 'rm -rf "$tmpkey"; ((made_run_sshd)) && rmdir /run/sshd' EXIT
+trap 'rm -rf "$tmpkey"; if ((made_run_sshd)); then rmdir /run/sshd; fi' EXIT
 ssh-keygen -q -t ed25519 -N '' -f "$tmpkey/key"
 effective="$(/usr/sbin/sshd -T -h "$tmpkey/key" -C user=root,host=localhost,addr=127.0.0.1)"
 grep -qx 'passwordauthentication no' <<<"$effective"

@@ -6,8 +6,8 @@ One command each, as an operator would run them: ``image-build/local-build OUT``
 (mmdebstrap from the Debian mirror, the provisioning scripts in a chroot,
 cleanup.sh then validate.sh, ext4 image) and ``image-build/boot-test OUT``
 (qemu with TCG, user-mode networking restricted to two guestfwd relays to the
-lab IMDS emulator and reference platform on 127.0.0.1). About 5 minutes on two
-cores: 2.5 for the build (1.5 of it mmdebstrap), 1.2 for the boot.
+lab IMDS emulator and reference platform on 127.0.0.1). Measured on two shared
+cores: about 3 minutes, 2 for the build (1.5 of it mmdebstrap), 1 for the boot.
 """
 
 from __future__ import annotations

@@ -118,16 +118,23 @@ def probe_raw_sockets() -> bool:
 
 
 def memory_mb(meminfo: str | None = None) -> int:
-    """Total memory in MiB, from /proc/meminfo."""
+    """Total memory in MiB, from /proc/meminfo, else from sysconf.
+
+    A sandbox may hide /proc/meminfo (systemd's ProcSubset=pid does): the
+    physical page count still tells the size, so capacity is never 0.
+    """
     if meminfo is None:
         try:
             meminfo = Path("/proc/meminfo").read_text(encoding="ascii")
         except OSError:
-            return 0
+            meminfo = ""
     for line in meminfo.splitlines():
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) // 1024
-    return 0
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024))
+    except (ValueError, OSError):
+        return 0
 
 
 def default_max_parallel_hosts(cpus: int, mem_mb: int) -> int:

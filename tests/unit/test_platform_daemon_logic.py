@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ def test_capacity_from_cpus_and_memory() -> None:
     assert default_max_parallel_hosts(128, 1_000_000) == 256  # capped
     assert default_max_parallel_hosts(0, 0) == 1
     assert memory_mb("MemTotal:        8089392 kB\nMemFree: 1 kB\n") == 7899
+    # /proc/meminfo hidden (systemd's ProcSubset=pid): the physical page count still tells.
+    expected = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+    assert memory_mb("") == expected > 0
     assert isinstance(probe_raw_sockets(), bool)
 
 

@@ -889,6 +889,9 @@ def build_daemon(
     )
     if hasattr(sink, "publish"):
         sink.publish = daemon.publish_work  # the engine refreshes `vsa status` between polls
+    if hasattr(sink, "own_vpc_ids"):
+        # Overlapping addresses (PROTOCOL.md): the instance in the appliance's own VPC is the one scanned.
+        sink.own_vpc_ids = lambda: tuple(v for v in (daemon.instance.facts.get("vpc_id"),) if v)
     return daemon
 
 

@@ -334,6 +334,8 @@ class JobEngine:
         self.ec2_proxy: Ec2ApiProxy | None = None
         self.jobs: dict[str, _Job] = {}
         self.publish: Callable[[], None] | None = None  # the daemon's status refresher
+        # The appliance's own VPC(s), from IMDS: decides which of two instances sharing an address is scanned.
+        self.own_vpc_ids: Callable[[], tuple[str, ...]] = tuple
         self.events = events  # MQTT progress events (publish_progress), None without MQTT
         self._last_publish = 0.0
         self._started = False
@@ -774,7 +776,8 @@ class JobEngine:
         assert plan.selection is not None
         return await resolve_ec2_targets(
             plan.selection, endpoints=AwsEndpoints.from_config(self.config), proxy=proxy,
-            own_addresses=plan.own_addresses, role_session_name=role_session_name_for(job_id))
+            own_vpc_ids=self.own_vpc_ids(), own_addresses=plan.own_addresses,
+            role_session_name=role_session_name_for(job_id))
 
     async def _scan_batches(self, job: _Job, plan: _Plan, todo: Sequence[Any]) -> None:
         from appliance.scan.portscan import scan_scoped

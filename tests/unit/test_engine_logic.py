@@ -466,3 +466,17 @@ def test_restart_accepts_again_a_job_journaled_before_its_accept(tmp_path: Path)
     assert len(client.of("POST", "/accept")) == 1
     assert sorted(client.of("POST", "/complete")[0][2]["host_keys"]) == ["127.0.0.1", "127.0.0.2"]
     assert any(x.startswith("resuming job j-o (offered") for x in lines)
+
+
+def test_the_engine_learns_the_appliance_vpc_from_the_daemon(tmp_path: Path) -> None:
+    # Of two instances sharing an address, the one in the appliance's own VPC is scanned
+    # (PROTOCOL.md): the engine must know that VPC, which only the daemon learns from IMDS.
+    from appliance.config import load_config
+    from appliance.daemon import InstanceInfo, build_daemon
+
+    config = load_config(environ={"VSA_PLATFORM_URL": "https://platform.example", "VSA_STATE_DIR": str(tmp_path)})
+    daemon = build_daemon(config, user_data_file=None, environ={})
+    engine = daemon.sink
+    assert engine.own_vpc_ids() == ()  # type: ignore[attr-defined]
+    daemon.instance = InstanceInfo("i-1", {"vpc_id": "vpc-0abc"}, None, None)
+    assert engine.own_vpc_ids() == ("vpc-0abc",)  # type: ignore[attr-defined]

@@ -127,6 +127,7 @@ def test_full_disk_mid_job_pauses_refuses_new_work_loses_nothing_and_resumes(ful
     lab.wait_for(lambda: f"job {second} not accepted" in lab.console(), 30, "the refusal of new work")
     time.sleep(3)
     assert lab.job_state(second) == "queued", lab.diagnostics()
+    assert lab.platform.requests(path=f"/vsa/v1/jobs/{second}/accept") == []  # not even tried
     assert lab.daemon is not None and lab.daemon.poll() is None
 
     # Space is freed: the paused job resumes, the new one is accepted; nothing was lost.
@@ -226,8 +227,18 @@ def test_imds_flapping_at_boot_and_while_running_is_never_fatal(lab: DaemonLab) 
         lab.imds.fail_next(3, status=503)
         time.sleep(1.5)
     lab.wait_until(lambda: len(lab.polls()) >= polls + 3, timeout_s=20, what="polls while IMDS flaps")
+    # IMDS is down exactly when the daemon needs it again: the platform forgets the appliance, which
+    # must read its user-data afresh to register again. It says so, waits, and registers when IMDS is back.
+    appliance_id = lab.status()["registration"]["appliance_id"]
+    lab.imds.mode = "disabled"
+    lab.platform.forget_appliance(appliance_id)
+    lab.wait_for(r"user-data cannot be read from IMDS: .*HttpEndpoint=enabled", timeout_s=30)
+    time.sleep(2)
     assert lab.proc is not None and lab.proc.poll() is None
-    assert lab.status()["poll"]["last_result"] == "ok"
+    lab.imds.mode = "v2-optional"
+    lab.wait_for(r"^vsa: registered with the platform: appliance ID (\S+)$", count=2, timeout_s=30)
+    lab.wait_until(lambda: lab.status()["poll"]["last_result"] == "ok", timeout_s=20, what="a good poll")
+    assert lab.proc is not None and lab.proc.poll() is None
     assert "stopped" not in lab.run_console()
     assert lab.stop_daemon() == 0
 

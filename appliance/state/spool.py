@@ -18,6 +18,7 @@ daemon calls them from the event loop. A full disk surfaces as
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -33,6 +34,7 @@ from appliance.state.files import FILE_MODE, ensure_private_dir
 SPOOL_FILE = "spool.sqlite3"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 10.0
+OPEN_FREE_MIN_BYTES = 256 * 1024  # below this, a spool that cannot be opened is blamed on a full disk
 
 # A job's life in the journal. "offered": written before the accept call;
 # "running": the platform confirmed the accept; "completing": every host has a
@@ -85,7 +87,7 @@ class Spool:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.Error as exc:
-            raise _state_error(exc, f"cannot open the spool {self.path}") from exc
+            raise _open_error(exc, state_dir, self.path) from exc
         for suffix in ("-wal", "-shm"):
             sidecar = self.path.with_name(self.path.name + suffix)
             if sidecar.exists():
@@ -285,6 +287,26 @@ def _job(row: tuple[Any, ...]) -> JournaledJob:
         completion=json.loads(row[3]) if row[3] else None,
         journaled_at=float(row[4]),
     )
+
+
+def _open_error(exc: sqlite3.Error, state_dir: Path, path: Path) -> StateError:
+    """Why the spool cannot be opened; a full disk said as such.
+
+    Opening a WAL database creates its ``-wal`` and ``-shm`` files; on a full disk
+    SQLite reports that as "disk I/O error" (SQLITE_IOERR, not SQLITE_FULL), which
+    sent an operator looking for a broken disk (issue 11). The free space decides.
+    """
+    try:
+        usage = os.statvfs(state_dir)
+        free = usage.f_bavail * usage.f_frsize
+    except OSError:
+        free = None
+    if free is not None and free < OPEN_FREE_MIN_BYTES:
+        return SpoolFullError(
+            f"cannot open the spool {path}: the disk holding it is full ({free} bytes free; SQLite: {exc}); "
+            "nothing in it is lost: free space there and the daemon resumes from it"
+        )
+    return _state_error(exc, f"cannot open the spool {path}")
 
 
 def _state_error(exc: sqlite3.Error, what: str) -> StateError:

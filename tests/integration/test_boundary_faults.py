@@ -347,3 +347,36 @@ def test_tls_handshake_failures_are_said(lab: DaemonLab, tmp_path: Path) -> None
                      r"failed \(Connection reset by peer\)", timeout_s=30)
         assert lab.proc is not None and lab.proc.poll() is None
     assert lab.stop_daemon() == 0
+
+
+def test_start_on_a_full_disk_says_so_and_the_next_start_resumes(lab: DaemonLab) -> None:
+    """A reboot with the state directory's disk full: `vsa run` says the disk is full (not "disk I/O
+    error") and exits 1 (systemd restarts it every 5 s); once space is freed it starts as before."""
+    require(os.geteuid() == 0, "mounting a small tmpfs needs root")
+    assert lab.platform is not None
+    lab.state_dir.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(lab.state_dir)], check=True)
+    try:
+        lab.set_user_data(f"PERSCODE={lab.platform.create_perscode()}\n")
+        lab.start_daemon()
+        appliance_id = lab.wait_for(r"^vsa: registered with the platform: appliance ID (\S+)$").group(1)
+        lab.wait_until(lambda: len(lab.polls()) >= 1, timeout_s=10, what="a poll")
+        assert lab.stop_daemon() == 0
+        for name in ("spool.sqlite3-wal", "spool.sqlite3-shm"):
+            (lab.state_dir / name).unlink(missing_ok=True)  # as after a clean close
+        filler = lab.state_dir / "filler"
+        fill(filler)
+        lab.start_daemon()
+        assert lab.proc is not None and lab.proc.wait(30) == 1
+        lab.wait_for(r"^vsa: cannot start: cannot open the spool .*: the disk holding it is full", timeout_s=5,
+                     current_run=False)
+        lab.stop_daemon()
+        filler.unlink()
+        lab.start_daemon()
+        lab.wait_for(rf"^vsa: registered as {appliance_id} \(since ", timeout_s=30)
+        lab.wait_until(lambda: lab.status()["poll"]["last_result"] == "ok", timeout_s=20, what="a good poll")
+        assert len(lab.registers()) == 1
+        assert lab.stop_daemon() == 0
+    finally:
+        lab.stop_daemon()
+        subprocess.run(["umount", "-l", str(lab.state_dir)], check=False)

@@ -54,9 +54,19 @@ def _dpkg_order(byte: int) -> int:
     return byte + 256
 
 
+def _utf8(text: str) -> bytes:
+    """The bytes the version algorithms walk (undecodable bytes of a package list come back as they were)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        # A lone surrogate outside surrogateescape's range (JSON allows "\ud800"): its
+        # bytes are neither letters nor digits, so it compares like any other symbol.
+        return text.encode("utf-8", "surrogatepass")
+
+
 def _dpkg_part_key(text: str) -> tuple[int, ...]:
     """Key of an upstream version or a revision, ordered as dpkg's verrevcmp."""
-    data = text.encode("utf-8", "surrogateescape")
+    data = _utf8(text)
     key: list[int] = []
     i, n = 0, len(data)
     while True:
@@ -120,7 +130,7 @@ def _rpm_is_digit(b: int) -> bool:
 
 def rpmvercmp_key(text: str) -> tuple[Any, ...]:
     """Key of one version or release string, ordered as rpm's rpmvercmp."""
-    data = text.encode("utf-8", "surrogateescape")
+    data = _utf8(text)
     key: list[Any] = []
     i, n = 0, len(data)
     while i < n:

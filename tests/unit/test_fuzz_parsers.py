@@ -308,7 +308,7 @@ def _targets(entries: list[str]) -> Any:
     small = []
     for entry in entries:
         try:
-            if parse_entry(entry).size <= 1024:  # expanding a /16 proves nothing more, slowly
+            if parse_entry(entry).size <= 16:  # expanding a /16 proves nothing more, slowly
                 small.append(entry)
         except TargetError:
             pass

@@ -14,6 +14,7 @@ from appliance.errors import VsaError
 from appliance.kb.bundle import resolve_bundle_url
 from appliance.kb.errors import BundleRefused, KbFormatError
 from appliance.kb.match import KnowledgeBase
+from appliance.kb.versions import VersionError, key_function
 from appliance.platform.http import decode_json
 from appliance.platform.messages import MessageError, PollResponse, RegisterResponse
 from appliance.results import Package, Packages
@@ -133,3 +134,21 @@ def test_registry_numbers_that_int_cannot_read() -> None:
               "Package_for_RollupFix~31bf3856ad364e35~amd64~~22621.3007.1.5": 112}
     assert winversion.latest_rollup(states) == (22621, 3007)
     assert winversion.parse_updates(states) == ()
+
+
+def test_osv_version_with_a_lone_surrogate() -> None:
+    # Was: UnicodeEncodeError out of rpmvercmp_key for "1\ud800" (JSON may carry lone surrogates).
+    kb = KnowledgeBase.from_records([{"id": "ALSA-1", "affected": [{
+        "package": {"ecosystem": "AlmaLinux:9", "name": "openssl"}, "versions": ["1\ud800"],
+        "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "1:3.0.7-25.el9\ud800"}]}]}]}])
+    findings = kb.match(Packages("rpm", "AlmaLinux:9", (Package("openssl", "1:3.0.7-24.el9"),)))
+    assert [f.id for f in findings] == ["ALSA-1"]
+
+
+@pytest.mark.parametrize("scheme", ["dpkg", "rpm", "apk"])
+def test_version_keys_of_lone_surrogates(scheme: str) -> None:
+    for text in ("1\ud800", "\udfff", "1.0-1\ud800x"):
+        try:
+            key_function(scheme)(text)
+        except VersionError:
+            pass  # refusing the version is fine; a UnicodeEncodeError is not

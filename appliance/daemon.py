@@ -677,7 +677,11 @@ class Daemon:
             self.poll_interval_s = clamp.interval_s
             self.say_once("interval", f"polling the platform every {_human_s(clamp.interval_s)}")
         if self.identity is not None:
-            self.identity = self.store.update_poll_interval(self.identity, response.poll_interval_s)
+            try:
+                self.identity = self.store.update_poll_interval(self.identity, response.poll_interval_s)
+            except StateError as exc:
+                # Only a hint for the next start; a full disk here made the daemon exit (issue 11).
+                log.warning("the new poll interval cannot be remembered: %s", exc)
         await self.sink.set_ec2_api_proxy(response.ec2_api_proxy)
         if response.cancel_jobs:
             await self.sink.cancel(response.cancel_jobs)

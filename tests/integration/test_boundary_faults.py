@@ -349,7 +349,7 @@ def test_tls_handshake_failures_are_said(lab: DaemonLab, tmp_path: Path) -> None
     assert lab.stop_daemon() == 0
 
 
-def test_start_on_a_full_disk_says_so_and_the_next_start_resumes(lab: DaemonLab) -> None:
+def test_full_disk_while_polling_and_at_start(lab: DaemonLab) -> None:
     """A reboot with the state directory's disk full: `vsa run` says the disk is full (not "disk I/O
     error") and exits 1 (systemd restarts it every 5 s); once space is freed it starts as before."""
     require(os.geteuid() == 0, "mounting a small tmpfs needs root")
@@ -361,10 +361,19 @@ def test_start_on_a_full_disk_says_so_and_the_next_start_resumes(lab: DaemonLab)
         lab.start_daemon()
         appliance_id = lab.wait_for(r"^vsa: registered with the platform: appliance ID (\S+)$").group(1)
         lab.wait_until(lambda: len(lab.polls()) >= 1, timeout_s=10, what="a poll")
+        # While running, the disk fills and the platform changes the poll interval (which the identity
+        # remembers on disk): the daemon takes the new interval and goes on.
+        filler = lab.state_dir / "filler"
+        fill(filler)
+        lab.platform.set_poll_interval(3)
+        lab.wait_for(r"^vsa: polling the platform every 3 s$", timeout_s=20)
+        polls = len(lab.polls())
+        lab.wait_until(lambda: len(lab.polls()) >= polls + 2, timeout_s=20, what="polls on a full disk")
+        assert lab.proc is not None and lab.proc.poll() is None
+        filler.unlink()
         assert lab.stop_daemon() == 0
         for name in ("spool.sqlite3-wal", "spool.sqlite3-shm"):
             (lab.state_dir / name).unlink(missing_ok=True)  # as after a clean close
-        filler = lab.state_dir / "filler"
         fill(filler)
         lab.start_daemon()
         assert lab.proc is not None and lab.proc.wait(30) == 1

@@ -54,7 +54,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from appliance.console import Console
@@ -63,8 +63,12 @@ from appliance.platform.retry import Backoff
 from appliance.platform.sink import PollWaker
 from appliance.state.identity import Identity
 
-if TYPE_CHECKING:
-    from appliance.state.runtime import StatusFile
+
+class StatusWriter(Protocol):
+    """Where the channel records its state for `vsa status` (the daemon's status file)."""
+
+    def update(self, **changes: Any) -> None: ...
+
 
 log = logging.getLogger("vsa.mqtt")
 
@@ -301,7 +305,7 @@ class MqttChannel:
         waker: PollWaker,
         config_url: str | None = None,
         platform_ca_file: Path | None = None,
-        status: StatusFile | None = None,
+        status: StatusWriter | None = None,
         reconnect: Backoff | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         keepalive_s: int = KEEPALIVE_S,

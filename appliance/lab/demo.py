@@ -74,9 +74,10 @@ class DemoError(RuntimeError):
 def host_result_from_wire(obj: dict[str, Any]) -> HostResult:
     """A :class:`HostResult` from its PROTOCOL.md JSON (as the platform stored it)."""
     t = obj.get("target") or {}
-    target = Target(**{k: t.get(k) for k in ("ip", "hostname", "instance_id", "region", "vpc_id", "subnet_id",
-                                               "instance_type", "image_id", "state", "private_dns",
-                                               "public_dns", "public_ip")}, tags=dict(t.get("tags") or {}))
+    facts: dict[str, Any] = {k: t.get(k) for k in ("ip", "hostname", "instance_id", "region", "vpc_id", "subnet_id",
+                                                   "instance_type", "image_id", "state", "private_dns",
+                                                   "public_dns", "public_ip")}
+    target = Target(**facts, tags=dict(t.get("tags") or {}))
     pk = obj.get("packages")
     packages = None
     if pk:

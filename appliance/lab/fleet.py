@@ -598,7 +598,7 @@ def build_fleet(workdir: Path, *, say: Callable[[str], None] = say_nothing,
             f"the Linux targets run this machine's {len(packages)} packages, and "
             f"{', '.join(OTHER_OS_HOSTS)} claims to be {_release_name(OTHER_OS_RELEASE)} in its os-release")
 
-        records = [
+        records: list[dict[str, Any]] = [
             {"type": "unix", "id": "rec-linux", "title": "Linux fleet", "username": SCAN_USER, "password": None,
              "private_keys": [{"pem": key_pem, "passphrase": None, "certificate": None}],
              "root_delegation": {"method": "sudo", "password": None}, "port": 22,
@@ -725,7 +725,7 @@ def _target(inst: Mapping[str, Any], ip: str) -> dict[str, Any]:
 
 def _ground_truth(lab: NetnsLab, hosts: Mapping[str, Host], truth: Mapping[str, Mapping[str, Any]],
                   metadata: Mapping[str, dict[str, Any]], release: Mapping[str, str], ecosystem: str,
-                  package_count: int, kb_findings: list[ExpectedFinding]) -> dict[str, ExpectedHost]:
+                  package_count: int, kb_findings: Mapping[str, list[ExpectedFinding]]) -> dict[str, ExpectedHost]:
     net = ipaddress.ip_network(SUBNET)
     scanned_ports = set(expand_tcp_ports(TCP_PORTS))
     uname = os.uname()

@@ -423,7 +423,7 @@ class ImdsClient:
             return None
         try:
             parsed = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             raise ImdsResponseError(
                 self.endpoint, _full_path(path), "the identity document is not JSON"
             ) from exc

@@ -73,7 +73,6 @@ import dataclasses
 import datetime as _dt
 import importlib
 import ipaddress
-import json
 import logging
 import math
 import os
@@ -91,6 +90,7 @@ from appliance.config import Config
 from appliance.console import Console
 from appliance.errors import PlatformError, StateError, VsaError
 from appliance.platform.client import PlatformClient
+from appliance.platform.http import decode_json
 from appliance.platform.messages import (
     Ec2ApiProxy,
     InvalidJob,
@@ -242,8 +242,8 @@ def decrypt_auth_records(tokens: Sequence[str], key_pem: bytes) -> list[AuthReco
                 "it must be a JWE (ECDH-ES, A256GCM) encrypted to the appliance's certified key"
             ) from None
         try:
-            obj = json.loads(plain or b"null")
-        except ValueError:
+            obj = decode_json(plain or b"null")
+        except (ValueError, UnicodeDecodeError):
             raise JobInvalid(f"{name} does not decrypt to JSON") from None
         try:
             records.append(parse_auth_record(obj))

@@ -480,3 +480,16 @@ def test_the_engine_learns_the_appliance_vpc_from_the_daemon(tmp_path: Path) -> 
     assert engine.own_vpc_ids() == ()  # type: ignore[attr-defined]
     daemon.instance = InstanceInfo("i-1", {"vpc_id": "vpc-0abc"}, None, None)
     assert engine.own_vpc_ids() == ("vpc-0abc",)  # type: ignore[attr-defined]
+
+
+def test_auth_record_nesting_absurdly_deep_is_a_clear_job_error() -> None:
+    # A hostile platform can encrypt anything to our key: 20,000 nested arrays must not
+    # escape as RecursionError (found by bench/fuzz's review of the decrypt path).
+    from joserfc import jwe
+    from joserfc.jwk import ECKey
+
+    private, public = _key_pair()
+    token = jwe.encrypt_compact({"alg": "ECDH-ES", "enc": "A256GCM"}, b"[" * 20_000 + b"]" * 20_000,
+                                ECKey.import_key(public))
+    with pytest.raises(JobInvalid, match=r"auth_records\[0\] does not decrypt to JSON"):
+        decrypt_auth_records([token], private)

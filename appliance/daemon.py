@@ -685,6 +685,10 @@ class Daemon:
         await self.sink.set_ec2_api_proxy(response.ec2_api_proxy)
         if response.cancel_jobs:
             await self.sink.cancel(response.cancel_jobs)
+        if response.signatures_refused is not None:
+            # Said once per offer; the jobs of this poll still run (with the installed bundle).
+            refusal = response.signatures_refused.message
+            self.say_once(f"signatures-refused:{refusal}", refusal)
         if response.signatures is not None:
             await self.sink.offer_signatures(response.signatures)
         if response.jobs or response.invalid_jobs:

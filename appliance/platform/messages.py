@@ -375,6 +375,20 @@ class SignaturesOffer:
 
 
 @dataclass(frozen=True)
+class RefusedSignatures:
+    """A signatures offer refused as malformed or off the platform's origin."""
+
+    version: str | None  # as offered, when it was a string at all (for the console's words only)
+    error: MessageError
+
+    @property
+    def message(self) -> str:
+        """The console's words: which offer, and why it was refused."""
+        name = f"signatures {self.version[:64]}" if self.version else "a signatures offer"
+        return f"{name} refused: {self.error}; the installed bundle stays in use"
+
+
+@dataclass(frozen=True)
 class InvalidJob:
     """A job offered in a malformed form: to be failed fast with ``internal_error``."""
 
@@ -397,6 +411,9 @@ class PollResponse:
     cancel_jobs: tuple[str, ...] = ()
     ec2_api_proxy: Ec2ApiProxy | None = None
     signatures: SignaturesOffer | None = None
+    # A malformed or foreign-origin offer is refused on its own (the old bundle stays in use),
+    # so that it does not hold back the jobs of the same poll.
+    signatures_refused: RefusedSignatures | None = None
 
     @classmethod
     def parse(cls, data: Any, *, origin: str | None = None) -> PollResponse:
@@ -419,13 +436,22 @@ class PollResponse:
                 raise MessageError("poll response", f"cancel_jobs[{index}]", "is not a valid job ID")
         proxy_reader = r.obj("ec2_api_proxy", required=False, nullable=True)
         sig_reader = r.obj("signatures", required=False, nullable=True)
+        signatures: SignaturesOffer | None = None
+        refused: RefusedSignatures | None = None
+        if sig_reader:
+            try:
+                signatures = SignaturesOffer.parse(sig_reader, origin=origin)
+            except MessageError as exc:
+                version = data["signatures"].get("version")
+                refused = RefusedSignatures(version if isinstance(version, str) else None, exc)
         return cls(
             poll_interval_s=interval,
             jobs=tuple(jobs),
             invalid_jobs=tuple(invalid),
             cancel_jobs=tuple(cancel),
             ec2_api_proxy=Ec2ApiProxy.parse(proxy_reader) if proxy_reader else None,
-            signatures=SignaturesOffer.parse(sig_reader, origin=origin) if sig_reader else None,
+            signatures=signatures,
+            signatures_refused=refused,
         )
 
 

@@ -51,11 +51,11 @@ def test_poll_response_proxy_and_signatures_urls_with_broken_brackets(url: str) 
     with pytest.raises(MessageError) as proxy_error:
         PollResponse.parse({"poll_interval_s": 60, "ec2_api_proxy": {"url": url}})
     assert proxy_error.value.field == "ec2_api_proxy.url"
-    with pytest.raises(MessageError) as offer_error:
-        PollResponse.parse({"poll_interval_s": 60, "signatures": {
-            "version": "1", "url": url, "sha256": "a" * 64, "signature": "c2ln"}}, origin="https://p.example")
-    assert offer_error.value.field == "signatures.url"
-    assert "not a path on the platform's own origin" in str(offer_error.value)
+    refused = PollResponse.parse({"poll_interval_s": 60, "signatures": {
+        "version": "1", "url": url, "sha256": "a" * 64, "signature": "c2ln"}}, origin="https://p.example"
+    ).signatures_refused
+    assert refused is not None and refused.error.field == "signatures.url"
+    assert "not a path on the platform's own origin" in str(refused.error)
 
 
 def test_bundle_line_nesting_too_deeply(tmp_path: Path) -> None:

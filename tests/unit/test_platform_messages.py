@@ -208,8 +208,14 @@ def test_signatures_url_must_be_on_the_platform_origin(url: str, ok: bool) -> No
         offer = PollResponse.parse(body, origin="https://platform.example:8443").signatures
         assert offer is not None and offer.url.startswith("/vsa/v1/signatures/")
     else:
-        with pytest.raises(MessageError, match="signatures.url"):
-            PollResponse.parse(body, origin="https://platform.example:8443")
+        # Only the offer is refused (the jobs of the same poll still run): said with the field.
+        body["jobs"] = [{"job_id": "j-1", "type": "discovery", "targets": {"ips": ["10.77.0.10"]}}]
+        response = PollResponse.parse(body, origin="https://platform.example:8443")
+        assert response.signatures is None and [j.job_id for j in response.jobs] == ["j-1"]
+        assert response.signatures_refused is not None
+        assert response.signatures_refused.error.field == "signatures.url"
+        assert response.signatures_refused.message.startswith("signatures 2026.12.04.1 refused: ")
+        assert response.signatures_refused.message.endswith("the installed bundle stays in use")
 
 
 def test_poll_request_wire_form() -> None:
